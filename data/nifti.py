@@ -1,0 +1,444 @@
+"""2D slices of NIfTI volumes: discovery, decoding, reorientation, resampling, normalisation, slicing.
+
+Every volume is decoded and preprocessed once, when the dataset is built; a `SliceDataset` then only indexes
+in-memory tensors, so no `.nii.gz` is decompressed during training.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from torch.utils.data import Dataset
+
+from utils.config import ConfigError, DataConfig
+from utils.logging import get_logger
+
+AXIS_LETTERS = "xyz"
+DATA_RANGE = 2.0  # images live in [-1, 1]
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# What nibabel, gzip and zlib raise for unreadable, truncated or corrupt files (header or data).
+READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError)
+
+
+@dataclass
+class Subject:
+    """One subject: an id and the file of each modality (images and masks)."""
+
+    subject_id: str
+    files: dict[str, Path]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _display(path: Path, root: Path) -> str:
+    """A path as the user wrote the layout: relative to the data root when it lies inside it."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _find_modality(folder: Path, modality: str) -> Path | None:
+    for suffix in NIFTI_SUFFIXES:
+        candidate = folder / f"{modality}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _discover_folders(root: Path, modalities: list[str]) -> list[Subject]:
+    subjects = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = {}
+        for modality in modalities:
+            path = _find_modality(folder, modality)
+            if path is None:
+                raise ConfigError(f"subject '{folder.name}' has no '{modality}' file: expected "
+                                  f"{folder / (modality + '.nii.gz')} (or .nii)")
+            files[modality] = path
+        subjects.append(Subject(folder.name, files))
+    return subjects
+
+
+def _discover_msd(root: Path, cfg: DataConfig) -> list[Subject]:
+    """MSD-style dataset.json: cfg.images[0] is its "image", cfg.masks[0] (if any) its "label"."""
+    index_path = root / "dataset.json"
+    if len(cfg.images) != 1 or len(cfg.masks) > 1:
+        raise ConfigError(f"{index_path} provides one image and one label per subject, but data.images="
+                          f"{cfg.images} and data.masks={cfg.masks}")
+    try:
+        entries = json.loads(index_path.read_text())["training"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"cannot read the 'training' list of {index_path}: {error}") from None
+    keys = {cfg.images[0]: "image", **({cfg.masks[0]: "label"} if cfg.masks else {})}
+    subjects = []
+    for position, entry in enumerate(entries):
+        files = {}
+        for modality, key in keys.items():
+            if not isinstance(entry, dict) or key not in entry:
+                raise ConfigError(f"entry {position} of the 'training' list in {index_path} has no '{key}'")
+            path = (root / entry[key]).resolve()
+            if not path.is_file():
+                raise ConfigError(f"file '{entry[key]}' listed in {index_path} does not exist: {path}")
+            files[modality] = path
+        subjects.append(Subject(_strip_nifti_suffix(Path(entry["image"]).name), files))
+    return subjects
+
+
+def discover_subjects(cfg: DataConfig) -> list[Subject]:
+    """List the subjects under cfg.root: one folder per subject, or an MSD-style dataset.json."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: data folder not found: {root}")
+    modalities = list(cfg.images) + list(cfg.masks)
+    if (root / "dataset.json").is_file():
+        subjects = _discover_msd(root.resolve(), cfg)
+    else:
+        subjects = _discover_folders(root, modalities)
+    if not subjects:
+        raise ConfigError(f"data.root: no subjects in {root} (expected <subject>/<modality>.nii.gz folders "
+                          f"or a dataset.json)")
+    ids = [s.subject_id for s in subjects]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise ConfigError(f"data.root: subject id '{duplicate}' appears twice in {root}")
+    return subjects
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Volumes
+
+
+def load_volume(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI volume reoriented to RAS; returns (float32 array, voxel sizes in mm).
+
+    Args:
+        path: the file.
+        name: how errors name the file (e.g. "sub-007/seg.nii.gz").
+    """
+    try:
+        image = nib.load(path)
+        if len(image.shape) < 3 or any(size != 1 for size in image.shape[3:]):
+            raise ConfigError(f"expected a 3D volume, got shape {tuple(image.shape)} in {name}")
+        if len(image.shape) > 3:  # trailing singleton dimensions, e.g. (X, Y, Z, 1)
+            image = image.slicer[(slice(None),) * 3 + (0,) * (len(image.shape) - 3)]
+        image = nib.as_closest_canonical(image)
+        # Read here, inside the try: a truncated .nii.gz only fails when its data is decompressed.
+        volume = np.ascontiguousarray(image.get_fdata(dtype=np.float32))
+    except ConfigError:
+        raise
+    except READ_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot read NIfTI file {name}: {message}") from None
+    if not np.isfinite(volume).all():
+        raise ConfigError(f"{int((~np.isfinite(volume)).sum())} voxels are NaN or Inf in {name}")
+    return volume, nib.affines.voxel_sizes(image.affine).astype(np.float64)
+
+
+def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch.Tensor:
+    """Resample a (X, Y, Z) volume to `shape`: trilinear for images, nearest for label masks."""
+    if tuple(volume.shape) == tuple(shape):
+        return volume
+    x = volume[None, None]  # (1, 1, X, Y, Z)
+    if is_mask:
+        x = F.interpolate(x, size=tuple(shape), mode="nearest-exact")
+    else:
+        x = F.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)
+    return x[0, 0]
+
+
+def normalize_image(volume: np.ndarray, cfg: DataConfig, name: str) -> tuple[np.ndarray, list[float]]:
+    """Clip to the MRI percentiles (non-zero voxels) or the CT window, then map linearly to [-1, 1].
+
+    Returns the normalised volume and the [low, high] clip values used.
+    """
+    if cfg.normalization == "ct":
+        low, high = (float(v) for v in cfg.ct_window)
+    else:
+        foreground = volume[volume != 0]
+        if foreground.size == 0:
+            raise ConfigError(f"image is all zeros in {name}")
+        low, high = (float(v) for v in np.percentile(foreground, cfg.mri_percentiles))
+        if high <= low:
+            raise ConfigError(f"image has (almost) constant intensity {low} in {name}: data.mri_percentiles "
+                              f"{cfg.mri_percentiles} give an empty intensity range")
+    scaled = (np.clip(volume, low, high) - low) / (high - low) * 2.0 - 1.0
+    return scaled.astype(np.float32), [low, high]
+
+
+def check_mask(volume: np.ndarray, num_classes: int | None, name: str) -> np.ndarray:
+    """Turn a mask volume into int64 labels; reject fractional, negative or too-large labels."""
+    labels = np.rint(volume)
+    if not np.array_equal(labels, volume):
+        raise ConfigError(f"mask has non-integer values in {name} (expected integer labels)")
+    if labels.min() < 0:
+        raise ConfigError(f"mask has negative label {int(labels.min())} in {name}")
+    if num_classes is not None and labels.max() >= num_classes:
+        raise ConfigError(f"mask label {int(labels.max())} >= data.mask_classes {num_classes} in {name}")
+    return labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slices
+
+
+def to_slices(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """Cut a RAS (X, Y, Z) volume into (S, 1, H, W) slices along `axis`, in the radiological view.
+
+    np.rot90 puts anterior/superior at the top; the extra left-right flip puts the patient's right on the
+    viewer's left (axial, coronal) and anterior on the left (sagittal), as radiology viewers show them.
+    """
+    slices = volume.movedim(axis, 0)  # (S, A, B)
+    # == np.fliplr(np.rot90(slice)) for every slice: out[r, c] = slice[A - 1 - c, B - 1 - r]
+    slices = slices.flip(1, 2).transpose(1, 2)  # (S, B, A)
+    return slices[:, None].contiguous()
+
+
+def _pad_or_crop(x: torch.Tensor, size: Sequence[int], fill: float) -> torch.Tensor:
+    """Centre-pad (with `fill`) or centre-crop the last two dims of (S, 1, H, W) to `size`."""
+    for dim, target in zip((-2, -1), size):
+        current = x.shape[dim]
+        if current > target:
+            start = (current - target) // 2
+            x = x.narrow(dim, start, target)
+        elif current < target:
+            before = (target - current) // 2
+            pad = [0, 0, 0, 0]
+            pad_index = 0 if dim == -1 else 2
+            pad[pad_index], pad[pad_index + 1] = before, target - current - before
+            x = F.pad(x, pad, value=fill)
+    return x
+
+
+def fit_slices(slices: torch.Tensor, image_size: int, resize: bool, is_mask: bool) -> torch.Tensor:
+    """Bring (S, 1, H, W) slices to (S, 1, image_size, image_size).
+
+    Args:
+        resize: pad to square, then resize (bilinear + antialias for images, nearest for masks);
+            otherwise centre pad/crop without changing the pixel size.
+        is_mask: pad masks with 0 (background) and images with -1 (the normalised minimum).
+    """
+    fill = 0.0 if is_mask else -1.0
+    if not resize:
+        return _pad_or_crop(slices, (image_size, image_size), fill)
+    side = max(slices.shape[-2:])
+    square = _pad_or_crop(slices, (side, side), fill)
+    if side == image_size:
+        return square
+    if is_mask:
+        return F.interpolate(square, size=(image_size, image_size), mode="nearest-exact")
+    resized = F.interpolate(square, size=(image_size, image_size), mode="bilinear", antialias=True,
+                            align_corners=False)
+    return resized.clamp_(-1.0, 1.0)
+
+
+def keep_slices(slices: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
+    """Boolean (S,) of the slices whose foreground fraction reaches cfg.min_foreground."""
+    if cfg.filter_mask:
+        foreground = slices[cfg.filter_mask] > 0
+    else:
+        foreground = slices[cfg.images[0]] > cfg.intensity_threshold
+    return foreground.flatten(1).float().mean(1) >= cfg.min_foreground
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset
+
+
+class SliceDataset(Dataset):
+    """In-memory 2D slices: item = {image name: float32 (1, H, W) in [-1, 1], mask name: int64 (1, H, W),
+    "item_id": "<subject>/<axis letter><slice index>"}."""
+
+    data_range: float = DATA_RANGE
+
+    def __init__(self, arrays: dict[str, torch.Tensor], item_ids: list[str], image_names: list[str],
+                 mask_names: list[str], normalization: dict,
+                 clip_values: dict[str, dict[str, list[float]]] | None = None) -> None:
+        """
+        Args:
+            arrays: name -> (N, 1, H, W) tensor, float32 for images and int64 for masks.
+            item_ids: N ids, in the order of the arrays' first dimension.
+            normalization: how images were mapped to [-1, 1]: method and parameters (JSON-serialisable).
+            clip_values: subject -> image name -> the [low, high] intensities mapped to [-1, 1]; kept apart from
+                `normalization`, which describes the method and goes into exported model metadata.
+        """
+        self.arrays = arrays
+        self.item_ids = list(item_ids)
+        self.image_names = list(image_names)
+        self.mask_names = list(mask_names)
+        self.normalization = normalization
+        self.clip_values = clip_values or {}
+        self._index = {item_id: i for i, item_id in enumerate(self.item_ids)}
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {name: tensor[index] for name, tensor in self.arrays.items()}
+        item["item_id"] = self.item_ids[index]
+        return item
+
+    @property
+    def subject_ids(self) -> list[str]:
+        """Subjects of the items, in order of first appearance."""
+        return list(dict.fromkeys(subject_of(item_id) for item_id in self.item_ids))
+
+    def subset(self, item_ids: Sequence[str]) -> SliceDataset:
+        """A dataset of the given items (in the given order); the tensors are copied, not re-decoded."""
+        missing = [i for i in item_ids if i not in self._index]
+        if missing:
+            raise KeyError(f"unknown item id {missing[0]!r}")
+        index = torch.tensor([self._index[i] for i in item_ids], dtype=torch.long)
+        arrays = {name: tensor[index] for name, tensor in self.arrays.items()}
+        subjects = {subject_of(i) for i in item_ids}
+        clip_values = {k: v for k, v in self.clip_values.items() if k in subjects}
+        return SliceDataset(arrays, list(item_ids), self.image_names, self.mask_names, self.normalization,
+                            clip_values)
+
+
+def _check_config(cfg: DataConfig) -> None:
+    """Reject data settings that cannot work, naming the key, before any file is read."""
+    if not cfg.images:
+        raise ConfigError("data.images is empty: name at least one image modality")
+    if cfg.normalization not in ("mri", "ct"):
+        raise ConfigError(f"data.normalization must be 'mri' or 'ct', got '{cfg.normalization}'")
+    if cfg.slice_axis not in (0, 1, 2):
+        raise ConfigError(f"data.slice_axis must be 0, 1 or 2, got {cfg.slice_axis}")
+    if cfg.image_size < 1:
+        raise ConfigError(f"data.image_size must be positive, got {cfg.image_size}")
+    if cfg.filter_mask and cfg.filter_mask not in cfg.masks:
+        raise ConfigError(f"data.filter_mask '{cfg.filter_mask}' is not one of data.masks {list(cfg.masks)}")
+    unknown = sorted(set(cfg.mask_classes) - set(cfg.masks))
+    if unknown:
+        raise ConfigError(f"data.mask_classes names '{unknown[0]}', which is not one of data.masks "
+                          f"{list(cfg.masks)}")
+    low, high = cfg.mri_percentiles
+    if not 0 <= low < high <= 100:
+        raise ConfigError(f"data.mri_percentiles must satisfy 0 <= low < high <= 100, got {cfg.mri_percentiles}")
+    if cfg.ct_window[0] >= cfg.ct_window[1]:
+        raise ConfigError(f"data.ct_window must be [low, high] with low < high, got {cfg.ct_window}")
+    if cfg.spacing is not None and (len(cfg.spacing) != 3 or min(cfg.spacing) <= 0):
+        raise ConfigError(f"data.spacing must be three positive sizes in mm (x, y, z), got {cfg.spacing}")
+
+
+def _load_subject(subject: Subject, cfg: DataConfig, root: Path
+                  ) -> tuple[dict[str, torch.Tensor], list[int], dict[str, list[float]]]:
+    """Decode and preprocess one subject: (name -> kept (S, 1, H, W) slices, kept slice indices, clip values)."""
+    reference_name = cfg.images[0]
+    volumes: dict[str, torch.Tensor] = {}
+    clip_values: dict[str, list[float]] = {}
+    native_shape: tuple[int, ...] = ()
+    target_shape: tuple[int, ...] = ()
+    for name in list(cfg.images) + list(cfg.masks):
+        is_mask = name in cfg.masks
+        display = _display(subject.files[name], root)
+        volume, voxel_sizes = load_volume(subject.files[name], display)
+        if name == reference_name:
+            native_shape = volume.shape
+            target_shape = native_shape
+            if cfg.spacing is not None:
+                target_shape = tuple(max(1, round(n * v / s)) for n, v, s in
+                                     zip(native_shape, voxel_sizes, cfg.spacing))
+        elif volume.shape != native_shape:
+            kind = "mask" if is_mask else f"'{name}'"
+            raise ConfigError(f"{kind} shape {volume.shape} != image shape {native_shape} in {display}")
+        if is_mask:
+            volume = check_mask(volume, cfg.mask_classes.get(name), display)
+        else:
+            volume, clip_values[name] = normalize_image(volume, cfg, display)
+        tensor = resample(torch.from_numpy(volume).float(), target_shape, is_mask)
+        slices = fit_slices(to_slices(tensor, cfg.slice_axis), cfg.image_size, cfg.resize, is_mask)
+        volumes[name] = slices.long() if is_mask else slices
+    keep = keep_slices(volumes, cfg)
+    kept = {name: tensor[keep] for name, tensor in volumes.items()}
+    return kept, torch.nonzero(keep).flatten().tolist(), clip_values
+
+
+def _normalization_record(cfg: DataConfig) -> dict:
+    if cfg.normalization == "ct":
+        record = {"method": "ct_window", "window_hu": [float(v) for v in cfg.ct_window]}
+    else:
+        record = {"method": "mri_percentile", "percentiles": [float(v) for v in cfg.mri_percentiles],
+                  "nonzero_voxels_only": True}
+    record.update({"output_range": [-1.0, 1.0], "data_range": DATA_RANGE})
+    return record
+
+
+def _empty_filter_message(cfg: DataConfig) -> str:
+    if cfg.filter_mask:
+        return (f"no slices left after filtering: lower data.min_foreground (now {cfg.min_foreground}) "
+                f"or check data.filter_mask '{cfg.filter_mask}'")
+    return (f"no slices left after filtering: lower data.min_foreground (now {cfg.min_foreground}) or "
+            f"data.intensity_threshold (now {cfg.intensity_threshold})")
+
+
+def load_slice_dataset(cfg: DataConfig) -> SliceDataset:
+    """Decode every subject under cfg.root once and return all kept slices as one in-memory dataset."""
+    _check_config(cfg)
+    logger = get_logger()
+    root = Path(cfg.root)
+    subjects = discover_subjects(cfg)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in list(cfg.images) + list(cfg.masks)}
+    item_ids: list[str] = []
+    clip_values: dict[str, dict[str, list[float]]] = {}
+    letter = AXIS_LETTERS[cfg.slice_axis]
+    for subject in subjects:
+        slices, indices, clip_values[subject.subject_id] = _load_subject(subject, cfg, root)
+        for name, tensor in slices.items():
+            parts[name].append(tensor)
+        item_ids += [f"{subject.subject_id}/{letter}{index:03d}" for index in indices]
+    if not item_ids:
+        raise ConfigError(_empty_filter_message(cfg))
+    arrays = {name: torch.cat(tensors) for name, tensors in parts.items()}
+    logger.info("loaded %d subjects from %s: %d slices of %dx%d along %s kept", len(subjects), root,
+                len(item_ids), cfg.image_size, cfg.image_size, letter)
+    return SliceDataset(arrays, item_ids, list(cfg.images), list(cfg.masks), _normalization_record(cfg),
+                        clip_values)
+
+
+def random_flip(batch: dict, prob: float) -> dict:
+    """Left-right flip each sample of a collated batch with probability `prob`, the same way for every
+    spatial key (4D tensors (B, C, H, W): images and masks); other entries pass through.
+
+    Uses torch's global RNG, which the training loop reseeds every step (exact resume).
+    Note: for sagittal slices (data.slice_axis=0) the width axis is anterior-posterior.
+    """
+    spatial = [key for key, value in batch.items() if torch.is_tensor(value) and value.dim() == 4]
+    if prob <= 0 or not spatial:
+        return dict(batch)
+    size = batch[spatial[0]].shape[0]
+    flip = torch.rand(size) < prob
+    out = dict(batch)
+    for key in spatial:
+        value = batch[key]
+        mask = flip.to(value.device).view(size, 1, 1, 1)
+        out[key] = torch.where(mask, value.flip(-1), value)
+    return out
+
+
+def subject_of(item_id: str) -> str:
+    """The subject id of an item id like "sub-01/z045"."""
+    return item_id.rsplit("/", 1)[0]
+
+
+def slice_index_of(item_id: str) -> int:
+    """The slice index of an item id like "sub-01/z045"."""
+    return int(item_id.rsplit("/", 1)[1][1:])

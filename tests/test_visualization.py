@@ -1,0 +1,128 @@
+"""utils.visualization writes valid PNGs of the expected size and content, from real images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+from skimage.segmentation import find_boundaries
+from skimage.transform import resize
+
+from utils.visualization import comparison_grid, denoising_strip, image_grid, metric_curves, overlay_contours
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG after checking the file really is one."""
+    assert path.is_file()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+    with Image.open(path) as image:
+        image.load()  # decodes every pixel: catches truncated files that verify() lets through
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def phantom() -> np.ndarray:
+    """The Shepp-Logan phantom at 128 x 128 in [-1, 1]."""
+    return resize(data.shepp_logan_phantom(), (128, 128), order=1) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def phantom_labels(phantom: np.ndarray) -> np.ndarray:
+    """Integer labels of the phantom: 0 outside, 1 soft tissue, 2 the bright skull."""
+    return (phantom > -0.9).astype(np.int64) + (phantom > 0.5)
+
+
+def test_comparison_grid_columns_rows_and_error(tmp_path, phantom, phantom_labels):
+    rng = np.random.default_rng(0)
+    generated = np.clip(phantom + rng.normal(0, 0.1, phantom.shape), -1, 1)
+    rows = [dict(reference=phantom, generated=generated, condition=phantom_labels),
+            dict(condition=phantom_labels, generated=np.clip(phantom + 0.2, -1, 1), reference=phantom)]
+    full = comparison_grid(rows, tmp_path / "samples" / "grid.png", titles=["item-0", "item-1"])
+    assert full == tmp_path / "samples" / "grid.png"
+    width, height = png_size(full)
+    # 4 columns (condition, generated, reference, |error|) x 2 rows of 2.2-inch panels at 100 dpi.
+    assert 850 <= width <= 1050 and 400 <= height <= 560
+
+    # Without a reference there is no error column: one panel narrower and one row high.
+    only_generated = comparison_grid([dict(condition=phantom_labels, generated=generated)], tmp_path / "g.png")
+    width_g, height_g = png_size(only_generated)
+    assert width_g < width - 300 and height_g < height - 150
+
+
+def test_comparison_grid_rgb_and_bad_titles(tmp_path):
+    tile = data.immunohistochemistry()[:128, :128] / 127.5 - 1
+    path = comparison_grid([dict(generated=tile, reference=np.clip(tile * 0.9, -1, 1))], tmp_path / "rgb.png")
+    width, height = png_size(path)
+    assert 600 <= width <= 800 and 200 <= height <= 300
+    with pytest.raises(ValueError, match="1 titles for 2 rows"):
+        comparison_grid([dict(generated=tile)] * 2, tmp_path / "x.png", titles=["a"])
+
+
+def test_overlay_contours_marks_each_label_boundary_in_its_colour(phantom, phantom_labels):
+    overlay = overlay_contours(phantom, phantom_labels)
+    assert overlay.shape == (*phantom.shape, 3) and overlay.dtype == np.uint8
+    boundary = find_boundaries(phantom_labels, mode="inner") & (phantom_labels > 0)
+    colour = overlay[boundary]
+    # Contour pixels are coloured, every other pixel stays grey (R = G = B) at the image's intensity.
+    assert np.all(colour.max(axis=1) != colour.min(axis=1))
+    rest = overlay[~boundary]
+    assert np.all(rest[:, 0] == rest[:, 1]) and np.all(rest[:, 1] == rest[:, 2])
+    expected_grey = np.round((phantom[~boundary] + 1) / 2 * 255)
+    np.testing.assert_array_equal(rest[:, 0], expected_grey)
+    # The two labels get different colours.
+    colours = {label: tuple(overlay[boundary & (phantom_labels == label)][0]) for label in (1, 2)}
+    assert colours[1] != colours[2]
+    with pytest.raises(ValueError, match="mask shape"):
+        overlay_contours(phantom, phantom_labels[:64])
+
+
+def test_denoising_strip_wraps_long_sequences(tmp_path, phantom):
+    rng = np.random.default_rng(0)
+    times = list(np.linspace(1.0, 0.0, 10))
+    preds = [np.clip((1 - t) * phantom + t * rng.normal(size=phantom.shape), -1, 1) for t in times]
+    width, height = png_size(denoising_strip(preds, times, tmp_path / "strip.png"))
+    # 8 panels per row, two rows.
+    assert 1300 <= width <= 1550 and 350 <= height <= 450
+    width_short, height_short = png_size(denoising_strip(preds[:4], times[:4], tmp_path / "short.png"))
+    assert width_short < width / 1.8 and height_short < height / 1.5
+    with pytest.raises(ValueError, match="one time per prediction"):
+        denoising_strip(preds, times[:3], tmp_path / "bad.png")
+
+
+def test_metric_curves_from_long_format_csv(tmp_path):
+    csv_path = tmp_path / "metrics.csv"
+    lines = ["step,name,value"]
+    for step in range(0, 500, 10):
+        lines += [f"{step},train/loss,{1.0 / (step + 1) ** 0.7}", f"{step},train/lr,{1e-4 * min(1, step / 50)}"]
+    for step in range(0, 500, 100):
+        lines += [f"{step},val/ssim,{0.5 + step / 2000}", f"{step},val/psnr,{20 + step / 100}", f"{step},val/fid,nan"]
+    csv_path.write_text("\n".join(lines) + "\n")
+    width, height = png_size(metric_curves(csv_path, tmp_path / "curves.png"))
+    # Four finite series in a 3-column layout: two rows of 4 x 2.8-inch panels (the all-NaN one is dropped).
+    assert 1100 <= width <= 1300 and 500 <= height <= 620
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("step,name,value\n")
+    assert png_size(metric_curves(empty, tmp_path / "empty.png"))[0] > 100
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("step,loss\n1,0.5\n")
+    with pytest.raises(ValueError, match="wrong.csv lacks columns"):
+        metric_curves(wrong, tmp_path / "wrong.png")
+
+
+def test_image_grid_is_pixel_exact(tmp_path, phantom, phantom_labels):
+    images = [phantom, -phantom, phantom_labels, phantom]
+    path = image_grid(images, tmp_path / "grid.png", ncols=3)
+    assert png_size(path) == (3 * 130 + 2, 2 * 130 + 2)
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(pixels[2:130, 2:130, 0], np.round((phantom + 1) / 2 * 255))
+    assert np.all(pixels[:2] == 255)  # white separators
+    zoomed = image_grid(images[:2], tmp_path / "zoom.png", ncols=2, zoom=2)
+    assert png_size(zoomed) == (2 * 258 + 2, 258 + 2)
+    with pytest.raises(ValueError, match="differ in size"):
+        image_grid([phantom, phantom[:64]], tmp_path / "bad.png", ncols=2)

@@ -1,0 +1,245 @@
+"""Train a 2D diffusion model (DDPM or rectified flow) on NIfTI slices with Accelerate.
+
+    accelerate launch train_diffusion.py --config configs/demo.yaml [section.key=value ...]
+
+Rerunning the same command continues the run from its newest complete checkpoint (training.resume=auto).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data import build_datasets, random_flip
+from diffusion import build_strategy
+from diffusion.task import Task
+from models.unet2d import Denoiser, build_unet2d
+from utils import config as config_lib
+from utils.checkpoint import remove_incomplete, resolve_resume, load_checkpoint, save_checkpoint
+from utils.config import ConfigError
+from utils.distributed import check_launch
+from utils.ema import EMA
+from utils.evaluation import heldout_loss, sample_items, score_item
+from utils.export import export_final, export_weights
+from utils.logging import setup_logging
+from utils.tracking import MetricsLog, accelerate_trackers
+from utils.training import ResumableBatchSampler, build_lr_scheduler, build_optimizer, seed_step
+from utils.visualization import comparison_grid
+
+# Best-model folders: metric -> whether lower is better.
+BEST_METRICS = {"val/loss": True, "val/ssim": False}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def prepare_run_dir(run_dir: Path, resume_from, cfg, is_main: bool) -> None:
+    """Refuse to start a fresh run on top of an existing one; keep the previous config when it changes."""
+    existing = [n for n in ("metrics.csv", "checkpoints", "final") if (run_dir / n).exists()]
+    if resume_from is None and existing:
+        raise ConfigError(f"run.output_dir={run_dir} already holds a run ({', '.join(existing)}) and there is no "
+                          "checkpoint to resume; choose another run.output_dir or training.resume=auto")
+    if not is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    new_text, saved = config_lib.to_yaml(cfg), run_dir / "config.yaml"
+    if saved.exists() and saved.read_text() != new_text:
+        saved.rename(run_dir / f"config-before-step-{resume_from.name.split('-')[-1]}.yaml")
+    saved.write_text(new_text)
+
+
+def validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger):
+    """Held-out loss every validation.every steps; sampling, SSIM/PSNR and figures every sample_every."""
+    val, net = datasets["val"], accelerator.unwrap_model(model)
+    results = {}
+    with ema.swapped(model) if ema else nullcontext():
+        net.eval()
+        if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
+            indices = list(range(min(len(val), cfg.validation.max_batches * cfg.training.batch_size)))
+            results.update(heldout_loss(strategy, net, task, val, indices, cfg.training.batch_size,
+                                        cfg.run.seed, accelerator))
+        if step % cfg.validation.sample_every == 0 or step == cfg.training.max_steps:
+            # Evenly spaced held-out items, the same ones at every validation.
+            count = min(cfg.validation.num_samples, len(val))
+            indices = sorted({round(i * (len(val) - 1) / max(count - 1, 1)) for i in range(count)})
+            items = sample_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
+                                 cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator)
+            if task.is_conditional:
+                scores = [score_item(task, it["generated"][0], it["reference"], val.data_range) for it in items]
+                results.update({f"val/{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]})
+            if accelerator.is_main_process:
+                rows = [{"condition": next(iter(it["condition"].values()), None),
+                         "generated": it["generated"][0][task.targets[0].name],
+                         "reference": it["reference"][task.targets[0].name]} for it in items]
+                png = comparison_grid([{k: v[0] for k, v in r.items() if v is not None} for r in rows],
+                                      Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png",
+                                      titles=[it["item_id"] for it in items])
+                metrics_log.log_image("samples", png, step)
+        net.train()
+        metrics_log.log(results, step)
+        # Keep the best weights by each held-out metric (EMA weights are swapped in here).
+        for name, lower_is_better in BEST_METRICS.items():
+            if name not in results or not math.isfinite(results[name]):
+                continue
+            best = state["best"].get(name)
+            if best is None or (results[name] < best if lower_is_better else results[name] > best):
+                state["best"][name] = results[name]
+                if accelerator.is_main_process:
+                    folder = Path(cfg.run.output_dir) / "checkpoints" / f"best-{name.replace('/', '_')}"
+                    export_weights(folder, net.unet, {"metric": name, "value": results[name], "step": step})
+                    logger.info("new best %s = %.4f at step %d", name, results[name], step)
+
+
+def main(argv=None):
+    # Configuration and launch checks.
+    _, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo.yaml")
+    run_dir = Path(cfg.run.output_dir)
+    trackers = accelerate_trackers(cfg.logging)
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, log_with=trackers or None,
+                              project_dir=str(run_dir / "logs"))
+    check_launch(accelerator)
+    logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
+    checkpoints = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        remove_incomplete(checkpoints)
+    accelerator.wait_for_everyone()
+    resume_from = resolve_resume(cfg.training.resume, checkpoints)
+    prepare_run_dir(run_dir, resume_from, cfg, accelerator.is_main_process)
+
+    # Data, task, model, strategy. Everything that can reject the input runs before any training.
+    datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=accelerator.is_main_process)
+    task = Task(cfg.task, cfg.data)
+    strategy = build_strategy(cfg.diffusion)
+    set_seed(cfg.run.seed)  # the initial weights
+    unet = build_unet2d(cfg.model, task.target_channels + task.condition_channels, task.target_channels,
+                        cfg.data.image_size)
+    model = Denoiser(unet)
+    optimizer = build_optimizer(model.parameters(), cfg.training)
+    # The LR scheduler is stepped by hand once per optimizer step; Accelerate's wrapper would step it once
+    # per process and tie the schedule to the number of GPUs.
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.training)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMA(model, cfg.training.ema_decay, cfg.training.ema_warmup) if cfg.training.ema_decay > 0 else None
+    logger.info("%d train / %d val slices; UNet %.2fM parameters", len(datasets["train"]), len(datasets["val"]),
+                sum(p.numel() for p in unet.parameters()) / 1e6)
+
+    state = {"step": 0, "nonfinite_steps": 0, "best": {}, "running": {}}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, lr_scheduler, ema)
+        logger.info("resumed from %s (step %d)", resume_from, state["step"])
+    metrics_log = MetricsLog(accelerator, run_dir, cfg.logging, config_lib.OmegaConf.to_container(
+        config_lib.OmegaConf.structured(cfg)), state["step"] if resume_from else None)
+
+    # Batches: micro-batch k is a pure function of k, so a resumed run continues the same sequence.
+    accum, step = cfg.training.grad_accum_steps, state["step"]
+    sampler = ResumableBatchSampler(len(datasets["train"]), cfg.training.batch_size, accelerator.process_index,
+                                    accelerator.num_processes, cfg.run.seed, start=step * accum)
+    batches = iter(DataLoader(datasets["train"], batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                              pin_memory=accelerator.device.type == "cuda"))
+    running = {k: torch.tensor(v, device=accelerator.device) for k, v in state["running"].items()}
+    consecutive_nonfinite = 0
+    max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
+    progress = tqdm(total=cfg.training.max_steps, initial=step, disable=not accelerator.is_main_process,
+                    desc="train", dynamic_ncols=True)
+
+    if step == 0 and cfg.validation.at_start:
+        validate(0, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger)
+    start_step = step
+    while step < cfg.training.max_steps:
+        seed_step(cfg.run.seed, step, accelerator.process_index)
+        # Accumulate gradients; only the last micro-batch synchronises them across processes.
+        step_values = {}
+        for micro in range(accum):
+            batch = next(batches)
+            logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
+            batch = random_flip({k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                                 for k, v in batch.items()}, cfg.data.flip_prob)
+            with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
+                x0 = task.targets_of(batch)
+                elementwise, _ = strategy.loss_terms(model, x0, task.condition_of(batch, cfg.task.cond_drop_prob))
+                per_sample, diagnostics = task.reduce(elementwise, batch)
+                loss = per_sample.mean()
+            accelerator.backward(loss / accum)
+            for name, value in {"loss": loss, **diagnostics}.items():
+                step_values[name] = step_values.get(name, 0.0) + value.detach().float() / accum
+
+        # Clip and step, unless the gradient is not finite.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step, as fp16 loss scaling makes
+        if finite or cfg.training.mixed_precision == "fp16":
+            optimizer.step()  # under fp16 the loss scaler skips a non-finite step and lowers its scale
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        step += 1
+        progress.update(1)
+        if finite:
+            consecutive_nonfinite = 0
+            # Averages cover the steps that were taken; skipped ones are counted in train/nonfinite_steps.
+            for name, value in {**step_values, "grad_norm": grad_norm.detach().float(), "count": 1.0}.items():
+                running[name] = running.get(name, 0.0) + value
+            if ema is not None:
+                ema.update(model, step)
+        else:
+            state["nonfinite_steps"] += 1
+            consecutive_nonfinite += 1
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                           step, consecutive_nonfinite)
+            if consecutive_nonfinite >= cfg.training.max_consecutive_nonfinite:
+                raise TrainingDiverged(
+                    f"training stopped at step {step}: {consecutive_nonfinite} consecutive steps had a non-finite "
+                    f"loss or gradient; the last good checkpoint is kept in {checkpoints} "
+                    "(lower training.lr, or use bf16 instead of fp16)")
+
+        # Log averages over the steps since the last log (the only host syncs for logging).
+        if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
+            count = float(running.pop("count", torch.tensor(0.0)))
+            values = {f"train/{k}": float(v) / max(count, 1) for k, v in running.items()}
+            values.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/nonfinite_steps": state["nonfinite_steps"]})
+            metrics_log.log(values, step)
+            progress.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", lr=f"{values['train/lr']:.2e}")
+            running = {}
+
+        if step % cfg.validation.every == 0 or step % cfg.validation.sample_every == 0 \
+                or step == cfg.training.max_steps:
+            validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger)
+
+        stopping = cfg.training.stop_after > 0 and step - start_step >= cfg.training.stop_after
+        if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or stopping:
+            state["step"] = step
+            state["running"] = {k: float(v) for k, v in running.items()}
+            save_checkpoint(accelerator, checkpoints, step, model, optimizer, lr_scheduler, ema, state,
+                            cfg.training.keep_last)
+        if stopping:
+            break
+    progress.close()
+    logger.debug("weights checksum %.10e", sum(float(p.detach().double().sum()) for p in model.parameters()))
+    if step < cfg.training.max_steps:
+        logger.info("stopped at step %d (training.stop_after); rerun the same command to continue", step)
+        metrics_log.close()
+        return
+
+    # Export the EMA weights in diffusers format.
+    with ema.swapped(model) if ema else nullcontext():
+        if accelerator.is_main_process:
+            unconditional_ddpm = cfg.diffusion.strategy == "ddpm" and not task.is_conditional
+            export_final(run_dir / "final", accelerator.unwrap_model(model).unet, strategy,
+                         task.describe(datasets["train"]), "DDIMPipeline" if unconditional_ddpm else "")
+    accelerator.wait_for_everyone()
+    metrics_log.close()
+    logger.info("done: %s", run_dir / "final")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

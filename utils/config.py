@@ -1,0 +1,251 @@
+"""Typed configuration: nested dataclasses, YAML presets, dotted command-line overrides.
+
+Every script calls `load_config(argv)`; unknown keys and wrongly typed values stop the run with a one-line
+message naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """Bad user input (config, data or run directory): reported as one line, without a traceback."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    log_level: str = "INFO"
+
+
+@dataclass
+class DataConfig:
+    kind: str = "nifti"  # nifti | latent_cache
+    root: str = "data/demo_mni152"
+    demo: str = ""  # build this demo dataset at `root` when it does not exist ("" = never)
+    images: list[str] = field(default_factory=lambda: ["t1"])
+    masks: list[str] = field(default_factory=list)
+    mask_classes: dict[str, int] = field(default_factory=dict)  # labels per mask, background included
+    normalization: str = "mri"  # mri | ct
+    mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    spacing: Optional[list[float]] = None  # resample to this voxel size in mm (x, y, z); null keeps native
+    slice_axis: int = 2  # 0 sagittal, 1 coronal, 2 axial (after reorientation to RAS)
+    image_size: int = 64
+    resize: bool = True  # pad to square then resize; false: centre pad/crop to image_size
+    filter_mask: str = ""  # mask whose foreground decides which slices are kept ("" = image intensity)
+    min_foreground: float = 0.05  # keep slices with at least this fraction of foreground pixels
+    intensity_threshold: float = -0.9  # foreground = normalised intensity above this (without filter_mask)
+    flip_prob: float = 0.0  # probability of a left-right flip of a training sample
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    slab_gap: int = 4  # slices left out between slabs when a single subject is split
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    attention_head_dim: int = 32
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+    num_class_embeds: int = 0  # > 0 adds a class-embedding path for a label condition
+
+
+@dataclass
+class TaskConfig:
+    targets: list[str] = field(default_factory=lambda: ["t1"])
+    spatial_conditions: list[str] = field(default_factory=list)
+    vector_condition: str = ""
+    cond_drop_prob: float = 0.0
+    loss_weights: dict[str, float] = field(default_factory=dict)  # per target, default 1
+    roi_mask: str = ""  # mask whose foreground up-weights the loss ("" = none)
+    roi_weight: float = 1.0
+
+
+@dataclass
+class DiffusionConfig:
+    strategy: str = "ddpm"  # ddpm | rflow
+    objective: str = "eps"  # ddpm: eps | x0 | v
+    beta_schedule: str = "linear"  # ddpm: linear | scaled_linear | cosine
+    num_train_timesteps: int = 1000
+    loss_weighting: str = "none"  # ddpm: none | min_snr | p2
+    min_snr_gamma: float = 5.0
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+    timestep_sampling: str = "uniform"  # rflow: uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sampler: str = ""  # "" = the strategy's own: ddim for ddpm, euler for rflow
+    sampling_steps: int = 50
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # per process
+    grad_accum_steps: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "cosine"  # constant | linear | cosine | one_cycle
+    lr_warmup_steps: int = 100
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    ema_decay: float = 0.999  # 0 disables EMA
+    ema_warmup: bool = True
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | latest | <checkpoint path>
+    stop_after: int = 0  # end this invocation after N steps with a checkpoint (time-limited jobs); 0 = never
+    max_consecutive_nonfinite: int = 10
+    log_every: int = 10
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 200  # held-out loss
+    sample_every: int = 500  # sampling, SSIM/PSNR, figures
+    num_samples: int = 8
+    max_batches: int = 8  # held-out loss over at most this many batches
+    sampling_steps: int = 25
+    at_start: bool = False  # also validate the untrained model at step 0 (a baseline for the curves)
+
+
+@dataclass
+class LoggingConfig:
+    trackers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard | wandb
+    wandb_project: str = "medical-diffusion"
+    wandb_mode: str = "offline"  # offline | online
+
+
+@dataclass
+class LatentConfig:
+    autoencoder: str = ""
+    cache_dir: str = ""
+
+
+@dataclass
+class EvalConfig:
+    num_items: int = 0  # 0 = every held-out item
+    sampling_steps: int = 50
+    samples_per_item: int = 1
+    weights: str = "final"  # final | best-<metric> | checkpoint path
+    split: str = "val"
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(value, (dict, DictConfig)) and not dotted.endswith(("mask_classes", "loss_weights")):
+            keys += _all_keys(value, dotted + ".")
+    return keys
+
+
+def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
+    """Turn an OmegaConf error into one line naming the key and the closest valid one."""
+    key = getattr(error, "full_key", None) or "?"
+    if "not in struct" in str(error) or "Key '" in str(error) and "not" in str(error):
+        valid = _all_keys(OmegaConf.to_container(OmegaConf.structured(Config)))
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+    message = str(error).splitlines()[0]
+    return ConfigError(f"bad value for config key '{key}' in {source}: {message}")
+
+
+def merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as error:
+        raise _explain(error, source) from None
+
+
+def resolve(yaml_path: Optional[Path], overrides: list[str]) -> Config:
+    """Schema defaults <- YAML preset <- dotted overrides, validated against the schema."""
+    cfg = OmegaConf.structured(Config)
+    if yaml_path is not None:
+        if not yaml_path.is_file():
+            raise ConfigError(f"config file not found: {yaml_path}")
+        cfg = merge(cfg, OmegaConf.load(yaml_path), str(yaml_path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        cfg = merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(to_yaml(cfg))
+
+
+def parse_args(argv: Optional[list[str]], description: str, default_config: Optional[str] = None,
+               run_flag: bool = False) -> tuple[argparse.Namespace, Config]:
+    """Parse `--config`, `--print-config`, optional `--run` and dotted overrides into a Config."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=None, help="YAML preset (configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if run_flag:
+        parser.add_argument("--run", type=Path, default=None, help="run directory; reads its config.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-4")
+    args = parser.parse_args(argv)
+    yaml_path = args.config
+    if run_flag and args.run is not None and yaml_path is None:
+        yaml_path = args.run / "config.yaml"
+        if not yaml_path.is_file():
+            raise ConfigError(f"run directory {args.run} has no config.yaml")
+    if yaml_path is None and default_config is not None:
+        yaml_path = REPO_ROOT / default_config
+    cfg = resolve(yaml_path, args.overrides)
+    if run_flag and args.run is not None:
+        cfg.run.output_dir = str(args.run)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        sys.exit(0)
+    return args, cfg
+
+
+def main_guard(main):
+    """Run a script's main; a ConfigError exits 2 with its one-line message instead of a traceback."""
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+    return wrapped

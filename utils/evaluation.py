@@ -1,0 +1,111 @@
+"""Held-out loss and sampled-item scoring, shared by validation during training and evaluate.py.
+
+Items are addressed by their global index in the dataset: each process handles a contiguous block, every
+process runs the same number of batches (the last ones padded with a repeated item whose result is dropped,
+which keeps FSDP's collective forward passes in step), and the results are gathered in index order. A number
+therefore does not depend on how many processes computed it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from diffusion.generate import generate, item_noise, item_uniform
+from diffusion.task import Task
+from utils import metrics
+from utils.distributed import gather_objects, shard
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def sharded_batches(dataset, indices: Sequence[int], batch_size: int, rank: int, world_size: int,
+                    device) -> Iterator[tuple[list[int], int, dict]]:
+    """Yield (global indices, number of real items, collated batch) for this rank's block of `indices`."""
+    mine = [indices[i] for i in shard(len(indices), rank, world_size)]
+    num_batches = math.ceil(math.ceil(len(indices) / world_size) / batch_size)
+    for b in range(num_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        real = len(chunk)
+        padded = chunk + [(chunk or mine or list(indices))[-1]] * (batch_size - real) if real < batch_size else chunk
+        if real == 0 and b > 0:
+            padded = padded[:1]  # nothing left here: one dummy item keeps the collective calls matched
+        yield padded, real, _to_device(default_collate([dataset[i] for i in padded]), device)
+
+
+@torch.no_grad()
+def heldout_loss(strategy, net, task: Task, dataset, indices: Sequence[int], batch_size: int, seed: int,
+                 accelerator) -> dict[str, float]:
+    """Mean held-out loss with per-item noise and times, overall and per diffusion-time quartile."""
+    rows = []
+    for idx, real, batch in sharded_batches(dataset, indices, batch_size, accelerator.process_index,
+                                            accelerator.num_processes, accelerator.device):
+        x0 = task.targets_of(batch)
+        noise = item_noise(x0.shape[1:], idx, seed, x0.device)
+        # Each item's time comes from its own seed too, so an item is scored at the same t at every validation.
+        t = item_uniform(idx, seed, x0.device)
+        with accelerator.autocast():
+            elementwise, times = strategy.loss_terms(net, x0, task.condition_of(batch), noise=noise, t=t)
+        per_sample, _ = task.reduce(elementwise, batch)
+        rows += list(zip(idx[:real], per_sample[:real].float().cpu().tolist(), times[:real].float().cpu().tolist()))
+    rows = sorted(r for part in gather_objects(rows) for r in part)
+    losses = np.array([r[1] for r in rows])
+    quartile = np.minimum((np.array([r[2] for r in rows]) * 4).astype(int), 3)
+    out = {"val/loss": float(losses.mean())}
+    for q in range(4):
+        if (quartile == q).any():
+            out[f"val/loss_t_q{q + 1}"] = float(losses[quartile == q].mean())
+    return out
+
+
+def score_item(task: Task, generated: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+               data_range: float) -> dict[str, float]:
+    """Metrics of one generated item against its reference: SSIM/PSNR/MAE per image, Dice per mask label."""
+    scores = {}
+    for f in task.targets:
+        gen = torch.from_numpy(generated[f.name])[None]  # (1, 1, H, W)
+        ref = torch.from_numpy(reference[f.name])[None]
+        suffix = "" if len(task.targets) == 1 else f"_{f.name}"
+        if f.is_mask:
+            dice = metrics.dice_per_label(gen, ref, f.channels)[0]
+            for label, value in enumerate(dice.tolist(), start=1):
+                scores[f"dice{suffix}_{label}"] = value
+        else:
+            gen, ref = gen.float(), ref.float()
+            scores[f"ssim{suffix}"] = float(metrics.ssim(gen, ref, data_range)[0])
+            scores[f"psnr{suffix}"] = float(metrics.psnr(gen, ref, data_range)[0])
+            scores[f"mae{suffix}"] = float(metrics.mae(gen, ref)[0])
+    return scores
+
+
+@torch.no_grad()
+def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], batch_size: int, seed: int, steps: int,
+                 guidance_scale: float, accelerator, samples_per_item: int = 1,
+                 callback_for: Optional[int] = None) -> list[dict]:
+    """Generate every item in `indices` once per sample (sample s of item i uses seed + s).
+
+    Returns, on every process, one dict per item in index order: index, item_id, generated (list over samples
+    of {name: array}), reference and condition ({name: array (1, H, W)}).
+    """
+    results = []
+    for idx, real, batch in sharded_batches(dataset, indices, batch_size, accelerator.process_index,
+                                            accelerator.num_processes, accelerator.device):
+        samples = []
+        for s in range(samples_per_item):
+            with accelerator.autocast():
+                x0 = generate(strategy, net, task, batch, idx, seed + s, steps, guidance_scale)
+            samples.append({k: v.float().cpu().numpy() for k, v in task.decode(x0.float()).items()})
+        for j in range(real):
+            results.append({
+                "index": idx[j],
+                "item_id": batch["item_id"][j],
+                "generated": [{k: v[j] for k, v in sample.items()} for sample in samples],
+                "reference": {f.name: batch[f.name][j].cpu().numpy() for f in task.targets},
+                "condition": {f.name: batch[f.name][j].cpu().numpy() for f in task.conditions},
+            })
+    return sorted((r for part in gather_objects(results) for r in part), key=lambda r: r["index"])

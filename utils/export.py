@@ -1,0 +1,56 @@
+"""Diffusers-format exports: `final/` and `checkpoints/best-<metric>/`, each written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import diffusers
+import yaml
+
+from utils.checkpoint import TEMP_PREFIX
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f"{TEMP_PREFIX}old-{final.name}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def export_final(folder: Path, unet, strategy, task_info: dict, pipeline_class: str = "") -> Path:
+    """Write unet/, scheduler/, task.yaml (and model_index.json when a stock pipeline can sample the model).
+
+    Args:
+        unet: the bare diffusers model (unwrapped, EMA weights already swapped in).
+        task_info: what a user needs to feed the model: targets, conditions, channels, normalisation.
+        pipeline_class: e.g. "DDIMPipeline" for an unconditional DDPM model; "" writes no model_index.json.
+    """
+    tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    strategy.export_scheduler(tmp / "scheduler")
+    (tmp / "task.yaml").write_text(yaml.safe_dump(task_info, sort_keys=False))
+    if pipeline_class:
+        scheduler_class = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", type(unet).__name__], "scheduler": ["diffusers", scheduler_class]}, indent=2))
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def export_weights(folder: Path, unet, info: dict) -> Path:
+    """Weights only (e.g. best-val_loss): unet/ in diffusers format plus metric.json saying why it was kept."""
+    tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    (tmp / "metric.json").write_text(json.dumps(info, indent=2))
+    _replace_dir(tmp, folder)
+    return folder

@@ -1,0 +1,80 @@
+"""Pieces every training script shares: optimizer, LR schedule, per-step seeding, resumable batches."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import Sampler
+
+from utils.config import ConfigError, TrainingConfig
+
+LR_SCHEDULES = ("constant", "linear", "cosine", "one_cycle")
+
+
+def build_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainingConfig) -> float:
+    """Multiplier of training.lr at `step`: linear warm-up, then the chosen decay to zero at max_steps."""
+    if cfg.lr_schedule == "one_cycle":
+        # Smith & Topin 2019: cosine ramp up to the peak over the warm-up, cosine anneal down afterwards.
+        warmup = max(cfg.lr_warmup_steps, 1)
+        if step < warmup:
+            return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * step / warmup))
+        progress = min((step - warmup) / max(cfg.max_steps - warmup, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    progress = min((step - cfg.lr_warmup_steps) / max(cfg.max_steps - cfg.lr_warmup_steps, 1), 1.0)
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"training.lr_schedule='{cfg.lr_schedule}' is not one of {list(LR_SCHEDULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed torch's global RNG from (seed, step, rank) alone.
+
+    Noise, timesteps, condition dropout, flips and dropout then depend only on the step, so a resumed run
+    draws exactly what an uninterrupted one would, without saving RNG states.
+    """
+    torch.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Endless batches of indices; epoch e is a permutation seeded by (seed, e).
+
+    Each global batch is split between ranks, so ranks see different samples, and micro-batch k is a pure
+    function of k: resuming at k needs no saved sampler state.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+        global_batch = batch_size * world_size
+        if num_items < global_batch:
+            raise ConfigError(f"the training set has {num_items} items, fewer than one global batch "
+                              f"(training.batch_size={batch_size} x {world_size} processes)")
+        self.num_items, self.batch_size, self.rank = num_items, batch_size, rank
+        self.global_batch, self.seed, self.start = global_batch, seed, start
+        self.batches_per_epoch = num_items // global_batch  # the incomplete last batch is dropped
+
+    def __iter__(self):
+        k, order_epoch = self.start, None
+        while True:
+            epoch, offset = divmod(k, self.batches_per_epoch)
+            if epoch != order_epoch:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                order, order_epoch = torch.randperm(self.num_items, generator=generator), epoch
+            begin = offset * self.global_batch + self.rank * self.batch_size
+            yield order[begin:begin + self.batch_size].tolist()
+            k += 1
+
+    def __len__(self) -> int:
+        return 2 ** 62  # endless
