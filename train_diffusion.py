@@ -7,7 +7,7 @@ Rerunning the same command continues the run from its newest complete checkpoint
 from __future__ import annotations
 
 import math
-import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from utils.checkpoint import remove_incomplete, resolve_resume, load_checkpoint,
 from utils.config import ConfigError
 from utils.distributed import check_launch
 from utils.ema import EMA
-from utils.evaluation import heldout_loss, sample_items, score_item
+from utils.evaluation import heldout_loss, mean_scores, sample_items, score_item
 from utils.export import export_final, export_weights
 from utils.logging import setup_logging
 from utils.tracking import MetricsLog, accelerate_trackers
@@ -73,8 +73,8 @@ def validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metri
             items = sample_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
                                  cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator)
             if task.is_conditional:
-                scores = [score_item(task, it["generated"][0], it["reference"], val.data_range) for it in items]
-                results.update({f"val/{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]})
+                scores = mean_scores([score_item(task, it, val.data_range) for it in items])
+                results.update({f"val/{k}": v for k, v in scores.items()})
             if accelerator.is_main_process:
                 rows = [{"condition": next(iter(it["condition"].values()), None),
                          "generated": it["generated"][0][task.targets[0].name],
@@ -153,15 +153,18 @@ def main(argv=None):
     if step == 0 and cfg.validation.at_start:
         validate(0, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger)
     start_step = step
+    timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
     while step < cfg.training.max_steps:
         seed_step(cfg.run.seed, step, accelerator.process_index)
         # Accumulate gradients; only the last micro-batch synchronises them across processes.
         step_values = {}
         for micro in range(accum):
+            data_start = time.perf_counter()
             batch = next(batches)
             logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
             batch = random_flip({k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                                  for k, v in batch.items()}, cfg.data.flip_prob)
+            timing["data"] += time.perf_counter() - data_start
             with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                 x0 = task.targets_of(batch)
                 elementwise, _ = strategy.loss_terms(model, x0, task.condition_of(batch, cfg.task.cond_drop_prob))
@@ -179,6 +182,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
         step += 1
+        timing["samples"] += cfg.training.batch_size * accum * accelerator.num_processes
         progress.update(1)
         if finite:
             consecutive_nonfinite = 0
@@ -198,15 +202,21 @@ def main(argv=None):
                     f"loss or gradient; the last good checkpoint is kept in {checkpoints} "
                     "(lower training.lr, or use bf16 instead of fp16)")
 
-        # Log averages over the steps since the last log (the only host syncs for logging).
+        # Log averages over the steps since the last log (the only host syncs for logging). perf/ rows are
+        # wall-clock measurements: the only rows that differ between otherwise identical runs.
         if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
             count = float(running.pop("count", torch.tensor(0.0)))
             values = {f"train/{k}": float(v) / max(count, 1) for k, v in running.items()}
             values.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/nonfinite_steps": state["nonfinite_steps"]})
+            elapsed = time.perf_counter() - timing["start"]
+            values.update({"perf/samples_per_s": timing["samples"] / elapsed,
+                           "perf/data_wait_fraction": timing["data"] / elapsed})
             metrics_log.log(values, step)
             progress.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", lr=f"{values['train/lr']:.2e}")
             running = {}
+            timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
 
+        paused = time.perf_counter()  # validation and checkpoints do not count as training throughput
         if step % cfg.validation.every == 0 or step % cfg.validation.sample_every == 0 \
                 or step == cfg.training.max_steps:
             validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger)
@@ -217,6 +227,7 @@ def main(argv=None):
             state["running"] = {k: float(v) for k, v in running.items()}
             save_checkpoint(accelerator, checkpoints, step, model, optimizer, lr_scheduler, ema, state,
                             cfg.training.keep_last)
+        timing["start"] += time.perf_counter() - paused
         if stopping:
             break
     progress.close()
@@ -238,8 +249,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    config_lib.run_main(main, TrainingDiverged)

@@ -25,16 +25,14 @@ def item_uniform(item_indices: Sequence[int], seed: int, device) -> torch.Tensor
 
 @torch.no_grad()
 def generate(strategy, net, task: Task, batch: dict, item_indices: Sequence[int], seed: int, steps: int,
-             guidance_scale: float = 1.0, callback: Optional[Callable] = None) -> torch.Tensor:
+             device, guidance_scale: float = 1.0, callback: Optional[Callable] = None) -> torch.Tensor:
     """Sample the task's targets for a batch of items. Returns x0 (B, C, *spatial) in the normalised space.
 
     Args:
-        batch: collated items on the device (conditions are read from it; targets are not used).
+        batch: collated items on `device` (conditions are read from it; targets are not used).
         item_indices: global index of each item, which seeds its noise.
     """
-    reference = next(v for v in batch.values() if torch.is_tensor(v))
-    shape = (task.target_channels, *reference.shape[2:])
-    noise = item_noise(shape, item_indices, seed, reference.device)
+    noise = item_noise(task.sample_shape, item_indices, seed, device)
     cond = task.condition_of(batch)
     null_cond = task.null_condition(cond) if guidance_scale != 1.0 else None
     return strategy.sample(net, noise, cond, steps, guidance_scale=guidance_scale, null_cond=null_cond,

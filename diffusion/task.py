@@ -62,6 +62,10 @@ class Task:
         return sum(f.channels for f in self.conditions)
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.target_channels, self.image_size, self.image_size)  # (C, H, W)
+
+    @property
     def is_conditional(self) -> bool:
         return bool(self.conditions)
 

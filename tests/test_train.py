@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -13,19 +12,15 @@ from safetensors.torch import load_file
 
 import train_diffusion
 import utils.checkpoint
-from data.demo import build_mni152_demo
 from tests.runs import read_metrics, run_script, tiny_args
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "mni152"
-    build_mni152_demo(root)
-    return root
 
 
 def checkpoint_weights(run_dir, step):
     return load_file(run_dir / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+
+
+def timeless(rows):
+    return [r for r in rows if not r[1].startswith("perf/")]
 
 
 def test_run_directory_contract_and_export(tmp_path, demo_root):
@@ -94,7 +89,8 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, demo_root):
     ema_a = load_file(straight / "checkpoints/checkpoint-8/ema.safetensors")
     ema_b = load_file(resumed / "checkpoints/checkpoint-8/ema.safetensors")
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    assert read_metrics(straight) == read_metrics(resumed)
+    # Every row but the wall-clock perf/ measurements is identical.
+    assert timeless(read_metrics(straight)) == timeless(read_metrics(resumed))
 
 
 def test_resume_after_kill_during_checkpoint_save(tmp_path, demo_root, monkeypatch):

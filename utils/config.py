@@ -52,6 +52,12 @@ class DataConfig:
     test_fraction: float = 0.0
     slab_gap: int = 4  # slices left out between slabs when a single subject is split
     num_workers: int = 0
+    # Pathology tiles (data.kind: tiles): <root>/<name>.png|.tif images, optional <name>_mask.png class ids.
+    tile_size: int = 64  # tiles cut from each image, in pixels (then resized to image_size if different)
+    tile_stride: int = 0  # 0 = tile_size (no overlap)
+    min_tissue: float = 0.5  # keep tiles with at least this fraction of tissue (Otsu on saturation)
+    tile_classes: int = 3  # classes in the masks (0 = background); the class-distribution vector length
+    class_balanced: bool = False  # sample training tiles balanced by their dominant class
 
 
 @dataclass
@@ -135,18 +141,47 @@ class LoggingConfig:
 
 @dataclass
 class LatentConfig:
-    autoencoder: str = ""
-    cache_dir: str = ""
+    autoencoder: str = ""  # folder of an exported (final/) or diffusers-format AutoencoderKL / VQModel
+    cache_dir: str = ""  # latent cache written by encode_latents.py and read with data.kind: latent_cache
+    shard_size: int = 256  # items per cache shard
+    tile_size: int = 0  # > 0: encode/decode in overlapping tiles of this many pixels (large images)
+    tile_overlap: int = 16  # pixels of overlap between tiles, blended linearly
+
+
+@dataclass
+class VAEConfig:
+    kind: str = "kl"  # kl (diffusers AutoencoderKL) | vq (diffusers VQModel)
+    inputs: list[str] = field(default_factory=lambda: ["t1"])  # data names concatenated as input channels
+    latent_channels: int = 4
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # 2^(levels-1) downsampling
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    num_vq_embeddings: int = 256  # codebook size (vq)
+    reconstruction_loss: str = "l1"  # l1 | l2
+    kl_weight: float = 1.0e-6  # weight of the KL term (kl)
+    codebook_weight: float = 1.0  # weight of the codebook + commitment loss (vq)
+    perceptual_network: str = ""  # local TorchScript feature network for the perceptual loss ("" = off)
+    perceptual_weight: float = 0.1
+    disc_start: int = 0  # step at which the adversarial loss starts
+    disc_weight: float = 0.0  # 0 = no adversarial loss; else the PatchGAN loss weight (times adaptive weight)
+    disc_loss: str = "hinge"  # hinge | least_squares
+    disc_channels: int = 32
+    disc_layers: int = 3
 
 
 @dataclass
 class EvalConfig:
-    num_items: int = 0  # 0 = every held-out item
+    num_items: int = 0  # conditional: cap on held-out items (0 = all); unconditional: number of samples
     sampling_steps: int = 50
-    samples_per_item: int = 1
-    weights: str = "final"  # final | best-<metric> | checkpoint path
-    split: str = "val"
-    batch_size: int = 8
+    samples_per_item: int = 1  # > 1 also scores diversity (mean pairwise MS-SSIM)
+    weights: str = "final"  # final | best-<metric> (e.g. best-val_loss) | a checkpoint folder
+    split: str = "val"  # val | test
+    batch_size: int = 8  # per process
+    seed: int = 1234  # sample s of item i starts from noise seeded by (seed + s, i)
+    data_range: float = 0.0  # 0 = from the recorded normalisation (2.0 for [-1, 1])
+    feature_network: str = ""  # local TorchScript file mapping images to features, for FID/KID ("" = off)
+    feature_channels: int = 0  # repeat grey images to this many channels for the feature network (0 = as is)
+    num_figures: int = 8  # items shown in eval/comparison.png
 
 
 @dataclass
@@ -160,6 +195,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -240,12 +276,10 @@ def parse_args(argv: Optional[list[str]], description: str, default_config: Opti
     return args, cfg
 
 
-def main_guard(main):
-    """Run a script's main; a ConfigError exits 2 with its one-line message instead of a traceback."""
-    def wrapped(argv=None):
-        try:
-            return main(argv)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-    return wrapped
+def run_main(main, *also_expected: type) -> None:
+    """Run a script's main; bad input (ConfigError and `also_expected`) exits 2 with one line, no traceback."""
+    try:
+        main()
+    except (ConfigError, *also_expected) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)

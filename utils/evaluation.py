@@ -63,34 +63,71 @@ def heldout_loss(strategy, net, task: Task, dataset, indices: Sequence[int], bat
     return out
 
 
-def score_item(task: Task, generated: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-               data_range: float) -> dict[str, float]:
-    """Metrics of one generated item against its reference: SSIM/PSNR/MAE per image, Dice per mask label."""
-    scores = {}
+def _region_of(task: Task, item: dict) -> Optional[torch.Tensor]:
+    """The item's region-of-interest mask (1, 1, H, W) bool, from the condition or reference mask."""
+    name = task.region_mask
+    labels = item["condition"].get(name, item["reference"].get(name)) if name else None
+    return None if labels is None else torch.from_numpy(labels)[None] > 0
+
+
+def score_item(task: Task, item: dict, data_range: float) -> dict[str, float]:
+    """Metrics of one sampled item (see `sample_items`) against its reference.
+
+    Images: SSIM, PSNR, MAE, MSE, and the same inside/outside the region mask when the task has one; masks:
+    Dice per label; with several samples per item: diversity (mean pairwise MS-SSIM). Unconditional items
+    have no reference, so only diversity applies.
+    """
+    scores, region = {}, _region_of(task, item)
     for f in task.targets:
-        gen = torch.from_numpy(generated[f.name])[None]  # (1, 1, H, W)
-        ref = torch.from_numpy(reference[f.name])[None]
         suffix = "" if len(task.targets) == 1 else f"_{f.name}"
-        if f.is_mask:
-            dice = metrics.dice_per_label(gen, ref, f.channels)[0]
-            for label, value in enumerate(dice.tolist(), start=1):
-                scores[f"dice{suffix}_{label}"] = value
-        else:
-            gen, ref = gen.float(), ref.float()
-            scores[f"ssim{suffix}"] = float(metrics.ssim(gen, ref, data_range)[0])
-            scores[f"psnr{suffix}"] = float(metrics.psnr(gen, ref, data_range)[0])
-            scores[f"mae{suffix}"] = float(metrics.mae(gen, ref)[0])
+        gen = torch.from_numpy(item["generated"][0][f.name])[None]  # (1, C, H, W)
+        ref = item["reference"].get(f.name)
+        if ref is not None and f.is_mask:
+            dice = metrics.dice_per_label(gen, torch.from_numpy(ref)[None], f.channels)[0]
+            scores.update({f"dice{suffix}_{label}": v for label, v in enumerate(dice.tolist(), start=1)})
+        elif ref is not None:
+            gen, ref = gen.float(), torch.from_numpy(ref)[None].float()
+            regions = {"": None}
+            if region is not None:
+                regions.update({f"_in_{task.region_mask}": region, f"_out_{task.region_mask}": ~region})
+            for name, mask in regions.items():
+                scores[f"ssim{suffix}{name}"] = float(metrics.ssim(gen, ref, data_range, mask=mask)[0])
+                scores[f"psnr{suffix}{name}"] = float(metrics.psnr(gen, ref, data_range, mask=mask)[0])
+                scores[f"mae{suffix}{name}"] = float(metrics.mae(gen, ref, mask=mask)[0])
+                scores[f"mse{suffix}{name}"] = float(metrics.mse(gen, ref, mask=mask)[0])
+        if len(item["generated"]) > 1 and not f.is_mask:
+            samples = torch.stack([torch.from_numpy(g[f.name]).float() for g in item["generated"]])
+            scores[f"diversity_msssim{suffix}"] = float(metrics.pairwise_ms_ssim(samples, data_range))
     return scores
+
+
+def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over items, ignoring NaN (an empty region or a label absent from both masks)."""
+    names = sorted({k for s in scores for k in s})
+    values = {k: np.array([s.get(k, np.nan) for s in scores]) for k in names}
+    return {k: float(np.nanmean(v)) for k, v in values.items() if np.isfinite(v).any()}
+
+
+class SeedItems(torch.utils.data.Dataset):
+    """Items of an unconditional task: nothing but an id; the item index seeds the sample."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        return {"item_id": f"sample-{index:05d}"}
 
 
 @torch.no_grad()
 def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], batch_size: int, seed: int, steps: int,
-                 guidance_scale: float, accelerator, samples_per_item: int = 1,
-                 callback_for: Optional[int] = None) -> list[dict]:
-    """Generate every item in `indices` once per sample (sample s of item i uses seed + s).
+                 guidance_scale: float, accelerator, samples_per_item: int = 1, progress=None) -> list[dict]:
+    """Generate every item in `indices` once per sample (sample s of item i uses noise seeded by seed + s, i).
 
     Returns, on every process, one dict per item in index order: index, item_id, generated (list over samples
-    of {name: array}), reference and condition ({name: array (1, H, W)}).
+    of {name: array (C, H, W)}, masks as labels), reference and condition ({name: array (1, H, W)}).
     """
     results = []
     for idx, real, batch in sharded_batches(dataset, indices, batch_size, accelerator.process_index,
@@ -98,14 +135,17 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
         samples = []
         for s in range(samples_per_item):
             with accelerator.autocast():
-                x0 = generate(strategy, net, task, batch, idx, seed + s, steps, guidance_scale)
-            samples.append({k: v.float().cpu().numpy() for k, v in task.decode(x0.float()).items()})
+                x0 = generate(strategy, net, task, batch, idx, seed + s, steps, accelerator.device, guidance_scale)
+            decoded = task.decode(x0.float())  # images float32, masks integer labels
+            samples.append({k: v.cpu().numpy() for k, v in decoded.items()})
         for j in range(real):
             results.append({
                 "index": idx[j],
                 "item_id": batch["item_id"][j],
                 "generated": [{k: v[j] for k, v in sample.items()} for sample in samples],
-                "reference": {f.name: batch[f.name][j].cpu().numpy() for f in task.targets},
+                "reference": {f.name: batch[f.name][j].cpu().numpy() for f in task.targets if f.name in batch},
                 "condition": {f.name: batch[f.name][j].cpu().numpy() for f in task.conditions},
             })
+        if progress is not None:
+            progress.update(min(real * accelerator.num_processes, progress.total - progress.n))
     return sorted((r for part in gather_objects(results) for r in part), key=lambda r: r["index"])

@@ -1,0 +1,91 @@
+"""Training-loop overhead: samples/s of train_diffusion.py against the bare model step on the same batches.
+
+    python benchmarks/train_throughput.py [--steps 60] [section.key=value ...]
+
+The bare step is forward + loss + backward + clip + AdamW on batches already in memory, with the model, task
+and strategy of the config (configs/demo.yaml by default). The loop figure comes from the script's own
+perf/ rows in metrics.csv (validation and checkpoints excluded), so both measure the same work. One run
+prints both figures and their ratio, and the share of loop time spent waiting for data.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train_diffusion  # noqa: E402
+from data import build_datasets  # noqa: E402
+from diffusion import build_strategy  # noqa: E402
+from diffusion.task import Task  # noqa: E402
+from models.unet2d import Denoiser, build_unet2d  # noqa: E402
+from utils import config as config_lib  # noqa: E402
+from utils.training import build_optimizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bare_step_throughput(cfg, run_dir: Path, steps: int, warmup: int) -> float:
+    """Samples/s of forward, backward, clip and optimizer step on pre-collated in-memory batches."""
+    datasets = build_datasets(cfg.data, run_dir, cfg.run.seed)
+    task, strategy = Task(cfg.task, cfg.data), build_strategy(cfg.diffusion)
+    torch.manual_seed(cfg.run.seed)
+    model = Denoiser(build_unet2d(cfg.model, task.target_channels + task.condition_channels,
+                                  task.target_channels, cfg.data.image_size))
+    optimizer = build_optimizer(model.parameters(), cfg.training)
+    train, bs = datasets["train"], cfg.training.batch_size
+    batches = [torch.utils.data.default_collate([train[(i * bs + j) % len(train)] for j in range(bs)])
+               for i in range(8)]
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        batch = batches[i % len(batches)]
+        elementwise, _ = strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch))
+        per_sample, _ = task.reduce(elementwise, batch)
+        per_sample.mean().backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
+        bool(torch.isfinite(grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steps * bs / (time.perf_counter() - start)
+
+
+def loop_throughput(args, run_dir: Path, steps: int, warmup: int) -> tuple[float, float]:
+    """Samples/s and data-wait fraction of the real training loop, from its perf/ rows after the warm-up."""
+    train_diffusion.main(["--config", str(args.config), *args.overrides, f"run.output_dir={run_dir}",
+                          f"training.max_steps={warmup + steps}", f"training.log_every={warmup}",
+                          "validation.at_start=false", "validation.every=1000000",
+                          "validation.sample_every=1000000", "training.checkpoint_every=1000000",
+                          "logging.trackers=[csv]"])
+    with (run_dir / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) > warmup]
+    speed = [float(r["value"]) for r in rows if r["name"] == "perf/samples_per_s"]
+    wait = [float(r["value"]) for r in rows if r["name"] == "perf/data_wait_fraction"]
+    return sum(speed) / len(speed), sum(wait) / len(wait)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps (after a warm-up of steps / 3)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    warmup = max(args.steps // 3, 5)
+    cfg = config_lib.resolve(args.config, args.overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = bare_step_throughput(cfg, Path(tmp) / "bare", args.steps, warmup)
+        loop, wait = loop_throughput(args, Path(tmp) / "loop", args.steps, warmup)
+    print(f"bare model step : {bare:8.1f} samples/s")
+    print(f"training loop   : {loop:8.1f} samples/s")
+    print(f"loop overhead   : {100 * (bare / loop - 1):+.1f}% of the bare step time (target < 5%)")
+    print(f"waiting for data: {100 * wait:.2f}% of loop time (target < 2%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Sample a trained model on all processes and compute metrics you can publish, plus figures.
+
+    accelerate launch evaluate.py --run runs/demo [eval.weights=best-val_ssim eval.num_items=64 ...]
+
+Every item has a fixed global index and its own seed, so the numbers do not depend on batch size or on the
+number of processes. Writes <run>/eval/report.json, per_item.csv, samples/<item>.npz and PNG figures.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from data import build_datasets
+from diffusion import build_strategy
+from diffusion.generate import generate
+from diffusion.task import Task
+from models.unet2d import Denoiser, build_unet2d
+from utils import config as config_lib
+from utils import metrics
+from utils.config import ConfigError
+from utils.distributed import check_launch
+from utils.evaluation import SeedItems, sample_items, score_item
+from utils.logging import setup_logging
+from utils.visualization import comparison_grid, denoising_strip, metric_curves, overlay_contours
+
+
+def load_unet(run_dir: Path, weights: str, cfg, task: Task) -> UNet2DModel:
+    """final/, checkpoints/best-<metric>/ (diffusers folders) or a checkpoint folder (EMA weights if saved)."""
+    folder = run_dir / "final" if weights == "final" else run_dir / "checkpoints" / weights
+    if weights.startswith(("final", "best-")):
+        if not (folder / "unet" / "config.json").is_file():
+            raise ConfigError(f"eval.weights={weights}: {folder / 'unet'} does not exist in run {run_dir} "
+                              "(train to the end, or name a checkpoint folder)")
+        return UNet2DModel.from_pretrained(folder, subfolder="unet")
+    folder = Path(weights)
+    files = [folder / "ema.safetensors", folder / "model.safetensors"]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None:
+        raise ConfigError(f"eval.weights={weights}: neither 'final', 'best-<metric>' nor a checkpoint folder "
+                          "holding ema.safetensors or model.safetensors")
+    unet = build_unet2d(cfg.model, task.target_channels + task.condition_channels, task.target_channels,
+                        cfg.data.image_size)
+    prefix = "unet."  # checkpoints store the Denoiser wrapper's state
+    unet.load_state_dict({k[len(prefix):]: v for k, v in load_file(found).items()})
+    return unet
+
+
+def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict, task: Task) -> None:
+    """per_item.csv, report.json and one .npz per item, in the normalised space."""
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    names = sorted({k for s in scores for k in s})
+    with (out / "per_item.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", *names])
+        for item, score in zip(items, scores):
+            writer.writerow([item["item_id"], *[f"{score.get(n, float('nan')):.8g}" for n in names]])
+    for item in items:
+        arrays = {"data_range": np.float64(report["data_range"])}
+        first_target = task.targets[0].name
+        arrays["generated"] = np.stack([g[first_target] for g in item["generated"]])  # (S, C, H, W)
+        for f in task.targets:
+            arrays[f"generated_{f.name}"] = np.stack([g[f.name] for g in item["generated"]])
+            if f.name in item["reference"]:
+                arrays[f"reference_{f.name}"] = item["reference"][f.name]
+        if first_target in item["reference"]:
+            arrays["reference"] = item["reference"][first_target]
+        for name, value in item["condition"].items():
+            arrays[f"condition_{name}"] = value
+        if item["condition"]:
+            arrays["condition"] = next(iter(item["condition"].values()))
+        np.savez_compressed(out / "samples" / f"{item['item_id'].replace('/', '__')}.npz", **arrays)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def figures(out: Path, run_dir: Path, items: list[dict], task: Task, count: int, strip: dict) -> None:
+    target = task.targets[0].name
+    rows, titles = [], []
+    for item in items[:count]:
+        row = {"generated": item["generated"][0][target][0]}
+        if item["condition"]:
+            cond = next(iter(item["condition"].values()))[0]
+            row["condition"] = cond
+            if target in item["reference"] and not task.targets[0].is_mask:
+                row["reference contours"] = overlay_contours(item["reference"][target][0], cond)
+        if target in item["reference"]:
+            row["reference"] = item["reference"][target][0]
+        rows.append(row)
+        titles.append(item["item_id"])
+    comparison_grid(rows, out / "comparison.png", titles=titles)
+    denoising_strip(strip["x0"], strip["t"], out / "denoising.png")
+    if (run_dir / "metrics.csv").is_file():
+        metric_curves(run_dir / "metrics.csv", out / "training_curves.png")
+
+
+def main(argv=None):
+    # Configuration: the run's own config.yaml plus overrides.
+    args, cfg = config_lib.parse_args(argv, __doc__, run_flag=True)
+    if args.run is None:
+        raise ConfigError("evaluate.py needs --run <output_dir> (a training run directory)")
+    run_dir, ev = args.run, cfg.eval
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision)
+    check_launch(accelerator)
+    logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
+    if not (run_dir / "split.json").is_file():
+        raise ConfigError(f"run directory {run_dir} has no split.json; it is written when training starts")
+    if ev.split not in ("val", "test"):
+        raise ConfigError(f"eval.split='{ev.split}' must be val or test")
+
+    # Data, task, weights, strategy.
+    cfg.data.demo = ""  # evaluation reads the data the run trained on; it never builds a dataset
+    datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=False)
+    if ev.split not in datasets:
+        raise ConfigError(f"eval.split={ev.split}: the run has no such split (data.test_fraction is 0)")
+    task = Task(cfg.task, cfg.data)
+    strategy = build_strategy(cfg.diffusion)
+    net = Denoiser(load_unet(run_dir, ev.weights, cfg, task)).to(accelerator.device).eval()
+    reference_set = datasets[ev.split]
+    data_range = ev.data_range or reference_set.data_range
+    if ev.data_range:
+        sample = reference_set.arrays[reference_set.image_names[0]][:64]
+        metrics.check_data_range(ev.data_range, sample, name="eval.data_range")
+    features = metrics.FeatureExtractor(ev.feature_network, accelerator.device, ev.feature_channels or None) \
+        if ev.feature_network else None
+
+    # Items: every held-out item (conditional) or eval.num_items seeds (unconditional).
+    if task.is_conditional:
+        items_set = reference_set
+        count = min(ev.num_items, len(items_set)) if ev.num_items > 0 else len(items_set)
+    else:
+        count = ev.num_items or 16
+        items_set = SeedItems(count)
+    indices = list(range(count))
+    logger.info("evaluating %s (%s) on %d %s items, %d sample(s) each, %d steps, %d process(es)",
+                run_dir, ev.weights, count, ev.split if task.is_conditional else "unconditional",
+                ev.samples_per_item, ev.sampling_steps, accelerator.num_processes)
+
+    # Sample and score.
+    progress = tqdm(total=count, desc="eval", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    items = sample_items(strategy, net, task, items_set, indices, ev.batch_size, ev.seed, ev.sampling_steps,
+                         cfg.diffusion.guidance_scale, accelerator, ev.samples_per_item, progress)
+    progress.close()
+    scores = [score_item(task, item, data_range) for item in items]
+    if features is not None and task.is_conditional:
+        fid_scores = distribution_scores(features, items, reference_set, task)
+    else:
+        fid_scores = {}
+
+    # Write (one writer).
+    if accelerator.is_main_process:
+        out = run_dir / "eval"
+        names = sorted({k for s in scores for k in s})
+        summary = {}
+        for name in names:
+            values = np.array([s.get(name, np.nan) for s in scores], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            summary[name] = {"mean": float(finite.mean()) if finite.size else None,
+                             "std": float(finite.std()) if finite.size else None, "n": int(finite.size)}
+        report = {"metrics": {**summary, **fid_scores}, "data_range": data_range,
+                  "settings": {"weights": ev.weights, "split": ev.split, "num_items": count,
+                               "samples_per_item": ev.samples_per_item, "sampling_steps": ev.sampling_steps,
+                               "strategy": cfg.diffusion.strategy, "guidance_scale": cfg.diffusion.guidance_scale,
+                               "seed": ev.seed, "num_processes": accelerator.num_processes,
+                               "normalization": reference_set.normalization}}
+        write_outputs(out, items, scores, report, task)
+        strip = denoising_trajectory(strategy, net, task, items_set, ev, accelerator.device)
+        figures(out, run_dir, items, task, ev.num_figures, strip)
+        logger.info("%s", ", ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None))
+        logger.info("wrote %s", out)
+    accelerator.wait_for_everyone()
+
+
+def distribution_scores(features, items: list[dict], reference_set, task: Task) -> dict:
+    """FID and KID between generated and reference images of the first image target."""
+    target = next((f.name for f in task.targets if not f.is_mask), None)
+    if target is None:
+        return {}
+    generated = torch.from_numpy(np.stack([g[target] for it in items for g in it["generated"]]))
+    reference = torch.from_numpy(np.stack([it["reference"][target] for it in items]))
+    f_gen = torch.cat([features(generated[i:i + 64]) for i in range(0, len(generated), 64)])
+    f_ref = torch.cat([features(reference[i:i + 64]) for i in range(0, len(reference), 64)])
+    kid_mean, kid_std = metrics.kid(f_gen, f_ref, subset_size=min(len(f_gen), len(f_ref), 1000))
+    return {"fid": {"value": metrics.fid_from_features(f_gen, f_ref), "n": len(f_gen)},
+            "kid": {"mean": kid_mean, "std": kid_std, "n": len(f_gen)}}
+
+
+@torch.no_grad()
+def denoising_trajectory(strategy, net, task: Task, items_set, ev, device) -> dict:
+    """Predicted x0 along the sampling path of item 0 (for the denoising strip figure)."""
+    batch = {k: (v[None].to(device) if torch.is_tensor(v) else [v]) for k, v in items_set[0].items()}
+    strip = {"x0": [], "t": []}
+
+    def record(i, t, x_t, x0_pred):
+        strip["x0"].append(task.decode(x0_pred.float())[task.targets[0].name][0, 0].cpu().numpy())
+        strip["t"].append(t)
+
+    generate(strategy, net, task, batch, [0], ev.seed, ev.sampling_steps, device, callback=record)
+    return strip
+
+
+if __name__ == "__main__":
+    config_lib.run_main(main)
