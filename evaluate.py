@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import UNet2DModel
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from data import build_datasets
 from diffusion import build_strategy
 from diffusion.generate import generate
-from diffusion.task import Task
-from models.unet2d import Denoiser, build_unet2d
+from diffusion.task import Task, fields_from_config
+from models.unet2d import Denoiser, build_denoiser, load_denoiser
 from utils import config as config_lib
 from utils import metrics
 from utils.config import ConfigError
@@ -32,25 +31,22 @@ from utils.logging import setup_logging
 from utils.visualization import comparison_grid, denoising_strip, metric_curves, overlay_contours
 
 
-def load_unet(run_dir: Path, weights: str, cfg, task: Task) -> UNet2DModel:
+def load_weights(run_dir: Path, weights: str, cfg, task: Task) -> Denoiser:
     """final/, checkpoints/best-<metric>/ (diffusers folders) or a checkpoint folder (EMA weights if saved)."""
-    folder = run_dir / "final" if weights == "final" else run_dir / "checkpoints" / weights
-    if weights.startswith(("final", "best-")):
+    if weights == "final" or weights.startswith("best-"):
+        folder = run_dir / "final" if weights == "final" else run_dir / "checkpoints" / weights
         if not (folder / "unet" / "config.json").is_file():
             raise ConfigError(f"eval.weights={weights}: {folder / 'unet'} does not exist in run {run_dir} "
                               "(train to the end, or name a checkpoint folder)")
-        return UNet2DModel.from_pretrained(folder, subfolder="unet")
+        return load_denoiser(folder)
     folder = Path(weights)
-    files = [folder / "ema.safetensors", folder / "model.safetensors"]
-    found = next((f for f in files if f.is_file()), None)
+    found = next((f for f in (folder / "ema.safetensors", folder / "model.safetensors") if f.is_file()), None)
     if found is None:
         raise ConfigError(f"eval.weights={weights}: neither 'final', 'best-<metric>' nor a checkpoint folder "
                           "holding ema.safetensors or model.safetensors")
-    unet = build_unet2d(cfg.model, task.target_channels + task.condition_channels, task.target_channels,
-                        cfg.data.image_size)
-    prefix = "unet."  # checkpoints store the Denoiser wrapper's state
-    unet.load_state_dict({k[len(prefix):]: v for k, v in load_file(found).items()})
-    return unet
+    denoiser = build_denoiser(cfg.model, task)
+    denoiser.load_state_dict(load_file(found))
+    return denoiser
 
 
 def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict, task: Task) -> None:
@@ -119,9 +115,9 @@ def main(argv=None):
     datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=False)
     if ev.split not in datasets:
         raise ConfigError(f"eval.split={ev.split}: the run has no such split (data.test_fraction is 0)")
-    task = Task(cfg.task, cfg.data)
+    task = Task(cfg.task, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
     strategy = build_strategy(cfg.diffusion)
-    net = Denoiser(load_unet(run_dir, ev.weights, cfg, task)).to(accelerator.device).eval()
+    net = load_weights(run_dir, ev.weights, cfg, task).to(accelerator.device).eval()
     reference_set = datasets[ev.split]
     data_range = ev.data_range or reference_set.data_range
     if ev.data_range:

@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from data import build_datasets, random_flip
 from diffusion import build_strategy
-from diffusion.task import Task
-from models.unet2d import Denoiser, build_unet2d
+from diffusion.task import Task, fields_from_config
+from models.unet2d import build_denoiser
 from utils import config as config_lib
-from utils.checkpoint import remove_incomplete, resolve_resume, load_checkpoint, save_checkpoint
+from utils.checkpoint import (load_checkpoint, prepare_run_dir, remove_incomplete, resolve_resume,
+                              save_checkpoint)
 from utils.config import ConfigError
 from utils.distributed import check_launch
 from utils.ema import EMA
@@ -39,21 +40,6 @@ BEST_METRICS = {"val/loss": True, "val/ssim": False}
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def prepare_run_dir(run_dir: Path, resume_from, cfg, is_main: bool) -> None:
-    """Refuse to start a fresh run on top of an existing one; keep the previous config when it changes."""
-    existing = [n for n in ("metrics.csv", "checkpoints", "final") if (run_dir / n).exists()]
-    if resume_from is None and existing:
-        raise ConfigError(f"run.output_dir={run_dir} already holds a run ({', '.join(existing)}) and there is no "
-                          "checkpoint to resume; choose another run.output_dir or training.resume=auto")
-    if not is_main:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    new_text, saved = config_lib.to_yaml(cfg), run_dir / "config.yaml"
-    if saved.exists() and saved.read_text() != new_text:
-        saved.rename(run_dir / f"config-before-step-{resume_from.name.split('-')[-1]}.yaml")
-    saved.write_text(new_text)
 
 
 def validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger):
@@ -94,7 +80,7 @@ def validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metri
                 state["best"][name] = results[name]
                 if accelerator.is_main_process:
                     folder = Path(cfg.run.output_dir) / "checkpoints" / f"best-{name.replace('/', '_')}"
-                    export_weights(folder, net.unet, {"metric": name, "value": results[name], "step": step})
+                    export_weights(folder, net, {"metric": name, "value": results[name], "step": step})
                     logger.info("new best %s = %.4f at step %d", name, results[name], step)
 
 
@@ -116,12 +102,10 @@ def main(argv=None):
 
     # Data, task, model, strategy. Everything that can reject the input runs before any training.
     datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=accelerator.is_main_process)
-    task = Task(cfg.task, cfg.data)
+    task = Task(cfg.task, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
     strategy = build_strategy(cfg.diffusion)
     set_seed(cfg.run.seed)  # the initial weights
-    unet = build_unet2d(cfg.model, task.target_channels + task.condition_channels, task.target_channels,
-                        cfg.data.image_size)
-    model = Denoiser(unet)
+    model = build_denoiser(cfg.model, task)
     optimizer = build_optimizer(model.parameters(), cfg.training)
     # The LR scheduler is stepped by hand once per optimizer step; Accelerate's wrapper would step it once
     # per process and tie the schedule to the number of GPUs.
@@ -129,7 +113,7 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(model, cfg.training.ema_decay, cfg.training.ema_warmup) if cfg.training.ema_decay > 0 else None
     logger.info("%d train / %d val slices; UNet %.2fM parameters", len(datasets["train"]), len(datasets["val"]),
-                sum(p.numel() for p in unet.parameters()) / 1e6)
+                sum(p.numel() for p in model.parameters()) / 1e6)
 
     state = {"step": 0, "nonfinite_steps": 0, "best": {}, "running": {}}
     if resume_from is not None:
@@ -241,7 +225,7 @@ def main(argv=None):
     with ema.swapped(model) if ema else nullcontext():
         if accelerator.is_main_process:
             unconditional_ddpm = cfg.diffusion.strategy == "ddpm" and not task.is_conditional
-            export_final(run_dir / "final", accelerator.unwrap_model(model).unet, strategy,
+            export_final(run_dir / "final", accelerator.unwrap_model(model), strategy,
                          task.describe(datasets["train"]), "DDIMPipeline" if unconditional_ddpm else "")
     accelerator.wait_for_everyone()
     metrics_log.close()

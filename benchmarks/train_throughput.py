@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_diffusion  # noqa: E402
 from data import build_datasets  # noqa: E402
 from diffusion import build_strategy  # noqa: E402
-from diffusion.task import Task  # noqa: E402
-from models.unet2d import Denoiser, build_unet2d  # noqa: E402
+from diffusion.task import Task, fields_from_config  # noqa: E402
+from models.unet2d import build_denoiser  # noqa: E402
 from utils import config as config_lib  # noqa: E402
 from utils.training import build_optimizer  # noqa: E402
 
@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 def bare_step_throughput(cfg, run_dir: Path, steps: int, warmup: int) -> float:
     """Samples/s of forward, backward, clip and optimizer step on pre-collated in-memory batches."""
     datasets = build_datasets(cfg.data, run_dir, cfg.run.seed)
-    task, strategy = Task(cfg.task, cfg.data), build_strategy(cfg.diffusion)
+    task = Task(cfg.task, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
+    strategy = build_strategy(cfg.diffusion)
     torch.manual_seed(cfg.run.seed)
-    model = Denoiser(build_unet2d(cfg.model, task.target_channels + task.condition_channels,
-                                  task.target_channels, cfg.data.image_size))
+    model = build_denoiser(cfg.model, task)
     optimizer = build_optimizer(model.parameters(), cfg.training)
     train, bs = datasets["train"], cfg.training.batch_size
     batches = [torch.utils.data.default_collate([train[(i * bs + j) % len(train)] for j in range(bs)])

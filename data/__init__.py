@@ -1,22 +1,28 @@
-"""Datasets: 2D slices of NIfTI volumes, their seeded split, demo data and augmentation."""
+"""Datasets: 2D slices of NIfTI volumes or pathology tiles, their seeded split, demo data and augmentation."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from data.demo import build_mni152_demo
+from data.demo import build_ihc_demo, build_mni152_demo
 from data.nifti import SliceDataset, load_slice_dataset, random_flip
 from data.split import items_of_split, make_split, read_split, write_split
+from data.tiles import TileDataset, balanced_weights, load_tile_dataset, make_tile_split
 from utils.config import ConfigError, DataConfig
 from utils.logging import get_logger
 
-DEMOS = {"mni152": build_mni152_demo}
+# data.kind -> what one item of the dataset is called in messages.
+KINDS = {"nifti": "slices", "tiles": "tiles"}
+# data.demo -> (builder, the data.kind it builds).
+DEMOS = {"mni152": (build_mni152_demo, "nifti"), "ihc": (build_ihc_demo, "tiles")}
 
-__all__ = ["SliceDataset", "build_datasets", "build_mni152_demo", "load_slice_dataset", "random_flip"]
+__all__ = ["SliceDataset", "TileDataset", "balanced_weights", "build_datasets", "build_ihc_demo",
+           "build_mni152_demo", "load_slice_dataset", "load_tile_dataset", "random_flip"]
 
 
 def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
-                   is_main_process: bool = True) -> dict[str, SliceDataset]:
-    """Build {"train", "val"[, "test" when cfg.test_fraction > 0]} slice datasets split as <run_dir>/split.json.
+                   is_main_process: bool = True) -> dict[str, SliceDataset | TileDataset]:
+    """Build {"train", "val"[, "test" when cfg.test_fraction > 0]} datasets of cfg.kind ("nifti" slices or
+    pathology "tiles") split as <run_dir>/split.json.
 
     The split file is reused when present (resume) and otherwise created from `seed`; only the main process
     writes it, the others compute the same split, so processes never race on the file.
@@ -29,11 +35,19 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
     """
     logger = get_logger()
     root = Path(cfg.root)
-    if cfg.demo and cfg.demo not in DEMOS:
-        raise ConfigError(f"data.demo: unknown demo '{cfg.demo}' (known: {', '.join(DEMOS)})")
-    if cfg.demo and not root.exists():
-        DEMOS[cfg.demo](root)
-    dataset = load_slice_dataset(cfg)
+    if cfg.kind not in KINDS:
+        raise ConfigError(f"data.kind must be one of {', '.join(KINDS)}, got '{cfg.kind}'")
+    if cfg.demo:
+        if cfg.demo not in DEMOS:
+            raise ConfigError(f"data.demo: unknown demo '{cfg.demo}' (known: {', '.join(DEMOS)})")
+        build_demo, demo_kind = DEMOS[cfg.demo]
+        if demo_kind != cfg.kind:
+            raise ConfigError(f"data.demo '{cfg.demo}' is a {demo_kind} dataset: set data.kind={demo_kind} "
+                              f"(now '{cfg.kind}')")
+        if not root.exists():
+            build_demo(root)
+    dataset = load_tile_dataset(cfg) if cfg.kind == "tiles" else load_slice_dataset(cfg)
+    unit = KINDS[cfg.kind]
 
     # Split.
     split_path = Path(run_dir) / "split.json"
@@ -42,16 +56,19 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
         source = str(split_path)
         logger.info("reusing the %s split in %s", split["unit"], split_path)
     else:
-        split = make_split(dataset.item_ids, cfg.val_fraction, cfg.test_fraction, cfg.slab_gap, seed)
+        if cfg.kind == "tiles":
+            split = make_tile_split(dataset, cfg, seed)
+        else:
+            split = make_split(dataset.item_ids, cfg.val_fraction, cfg.test_fraction, cfg.slab_gap, seed)
         source = "data.val_fraction / data.test_fraction"
         if is_main_process:
             write_split(split_path, split)
     items = items_of_split(split, dataset.item_ids)
     for name in ("train", "val"):
         if not items[name]:
-            raise ConfigError(f"the {name} split is empty (no slices) according to {source}")
+            raise ConfigError(f"the {name} split is empty (no {unit}) according to {source}")
     names = ("train", "val", "test") if cfg.test_fraction > 0 else ("train", "val")
     datasets = {name: dataset.subset(items[name]) for name in names}
     logger.info("split (%s): %s", split["unit"],
-                ", ".join(f"{len(datasets[n])} {n}" for n in names) + " slices")
+                ", ".join(f"{len(datasets[n])} {n}" for n in names) + f" {unit}")
     return datasets

@@ -1,7 +1,9 @@
 """The generative task: which named arrays are generated (targets) given which (conditions).
 
-A batch is a dict of named tensors: images (B, 1, H, W) in [-1, 1] and masks (B, 1, H, W) of integer labels.
-Masks enter the network one-hot, scaled to [-1, 1], so a generated mask is decoded with an argmax.
+A batch is a dict of named tensors: images (B, C, H, W), masks (B, 1, H, W) of integer labels and vectors
+(B, K) such as class distributions. Masks enter the network one-hot, scaled to [-1, 1], so a generated mask is
+decoded with an argmax. A vector condition enters as K + 1 weights over learned class embeddings, the last one
+being the null condition used when the condition is dropped (classifier-free guidance) or unknown.
 """
 from __future__ import annotations
 
@@ -16,42 +18,69 @@ from utils.config import ConfigError, DataConfig, TaskConfig
 @dataclass
 class Field:
     name: str
-    is_mask: bool
-    channels: int
+    kind: str  # image | mask | vector
+    channels: int  # image channels, mask labels (background included) or vector length
+
+    @property
+    def is_mask(self) -> bool:
+        return self.kind == "mask"
+
+
+def fields_from_config(data: DataConfig) -> dict[str, Field]:
+    """The named arrays a pixel-space dataset provides, as the data config describes them."""
+    if data.kind == "tiles":
+        return {"image": Field("image", "image", 3), "mask": Field("mask", "mask", data.tile_classes),
+                "class_dist": Field("class_dist", "vector", data.tile_classes)}
+    fields = {name: Field(name, "image", 1) for name in data.images}
+    for name in data.masks:
+        if data.mask_classes.get(name, 0) < 2:
+            raise ConfigError(f"mask '{name}' needs data.mask_classes.{name} >= 2 (labels incl. background)")
+        fields[name] = Field(name, "mask", data.mask_classes[name])
+    return fields
 
 
 class Task:
-    def __init__(self, cfg: TaskConfig, data: DataConfig):
+    """Targets and conditions of one training run.
+
+    Args:
+        fields: what the dataset provides (see `fields_from_config`; a latent cache describes its own).
+        spatial_shape: (H, W) of the generated arrays.
+    """
+
+    def __init__(self, cfg: TaskConfig, fields: dict[str, Field], spatial_shape: tuple[int, ...]):
         self.cfg = cfg
-        known = set(data.images) | set(data.masks)
+        spatial = sorted(n for n, f in fields.items() if f.kind != "vector")
         for key, names in (("task.targets", cfg.targets), ("task.spatial_conditions", cfg.spatial_conditions)):
             for name in names:
-                if name not in known:
-                    raise ConfigError(f"{key} names '{name}', which is not in data.images {data.images} "
-                                      f"or data.masks {data.masks}")
+                if name not in spatial:
+                    raise ConfigError(f"{key} names '{name}'; the dataset provides {spatial}")
         if not cfg.targets:
             raise ConfigError("task.targets is empty: name at least one image or mask to generate")
-        for name in (*cfg.targets, *cfg.spatial_conditions):
-            if name in data.masks and data.mask_classes.get(name, 0) < 2:
-                raise ConfigError(f"mask '{name}' needs data.mask_classes.{name} >= 2 (labels incl. background)")
-        if cfg.roi_mask and cfg.roi_mask not in data.masks:
-            raise ConfigError(f"task.roi_mask='{cfg.roi_mask}' is not in data.masks {data.masks}")
+        masks = [n for n, f in fields.items() if f.is_mask]
+        if cfg.roi_mask and cfg.roi_mask not in masks:
+            raise ConfigError(f"task.roi_mask='{cfg.roi_mask}' is not one of the dataset's masks {masks}")
         unknown_weights = set(cfg.loss_weights) - set(cfg.targets)
         if unknown_weights:
             raise ConfigError(f"task.loss_weights names {sorted(unknown_weights)}, not in task.targets {cfg.targets}")
-        if cfg.vector_condition:
-            raise ConfigError("task.vector_condition needs a dataset that provides vectors (latent/pathology data)")
+        vectors = [n for n, f in fields.items() if f.kind == "vector"]
+        if cfg.vector_condition and cfg.vector_condition not in vectors:
+            raise ConfigError(f"task.vector_condition='{cfg.vector_condition}'; the dataset provides vectors "
+                              f"{vectors}")
+        if not 0 <= cfg.cond_drop_prob < 1:
+            raise ConfigError(f"task.cond_drop_prob={cfg.cond_drop_prob} must be in [0, 1)")
 
-        def field(name: str) -> Field:
-            is_mask = name in data.masks
-            return Field(name, is_mask, data.mask_classes[name] if is_mask else 1)
-
-        self.image_size = data.image_size
-        self.targets = [field(n) for n in cfg.targets]
-        self.conditions = [field(n) for n in cfg.spatial_conditions]
+        self.spatial_shape = tuple(spatial_shape)
+        self.targets = [fields[n] for n in cfg.targets]
+        self.conditions = [fields[n] for n in cfg.spatial_conditions]
+        self.vector = fields[cfg.vector_condition] if cfg.vector_condition else None
         # The region whose loss is logged separately: the ROI mask, else the first mask the task uses.
         masks_used = [f.name for f in self.targets + self.conditions if f.is_mask]
         self.region_mask = cfg.roi_mask or (masks_used[0] if masks_used else "")
+
+    @property
+    def vector_dim(self) -> int:
+        """Length of the network's vector input: K class weights plus the null entry (0 = none)."""
+        return self.vector.channels + 1 if self.vector else 0
 
     @property
     def target_channels(self) -> int:
@@ -63,10 +92,11 @@ class Task:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return (self.target_channels, self.image_size, self.image_size)  # (C, H, W)
+        return (self.target_channels, *self.spatial_shape)  # (C, H, W)
 
     @property
     def is_conditional(self) -> bool:
+        """Whether samples have a reference to compare with (a spatial condition pins down the target)."""
         return bool(self.conditions)
 
     @staticmethod
@@ -80,31 +110,52 @@ class Task:
         return torch.cat([self._encode(f, batch[f.name]) for f in self.targets], dim=1)
 
     def condition_of(self, batch: dict, drop_prob: float = 0.0) -> dict:
-        """Network conditions; with drop_prob each sample's conditions are replaced by the null condition."""
-        if not self.conditions:
-            return {}
-        spatial = torch.cat([self._encode(f, batch[f.name]) for f in self.conditions], dim=1)
+        """Network conditions; with drop_prob each sample's conditions are replaced by the null condition.
+
+        Spatial conditions: one tensor of channels. Vector condition: (B, K + 1) weights whose last entry marks
+        the null condition, used for dropped samples and for unlabelled ones (all-zero class vectors).
+        """
+        cond = {}
+        if not (self.conditions or self.vector):
+            return cond
+        batch_size = len(batch["item_id"])
+        device = next(v.device for v in batch.values() if torch.is_tensor(v))
+        keep = torch.ones(batch_size, dtype=torch.bool, device=device)
         if drop_prob > 0:
-            keep = torch.rand(spatial.shape[0], device=spatial.device) >= drop_prob
-            spatial = spatial * keep.view(-1, *[1] * (spatial.dim() - 1))
-        return {"spatial": spatial}
+            keep = torch.rand(batch_size, device=device) >= drop_prob
+        if self.conditions:
+            spatial = torch.cat([self._encode(f, batch[f.name]) for f in self.conditions], dim=1)
+            cond["spatial"] = spatial * keep.view(-1, *[1] * (spatial.dim() - 1))
+        if self.vector:
+            weights = batch[self.vector.name].float()  # (B, K)
+            known = keep & (weights.sum(dim=1) > 0)
+            weights = weights * known[:, None]
+            cond["vector"] = torch.cat([weights, (~known).float()[:, None]], dim=1)  # (B, K + 1)
+        return cond
+
+    def null_condition(self, cond: dict) -> dict:
+        null = {k: torch.zeros_like(v) for k, v in cond.items()}
+        if "vector" in null:
+            null["vector"][:, -1] = 1.0
+        return null
 
     def describe(self, dataset) -> dict:
         """What a user of an exported model needs to know to feed it (written to final/task.yaml)."""
+        def entry(f: Field) -> dict:
+            return {"name": f.name, "kind": f.kind, "channels": f.channels}
+
         return {
-            "targets": [{"name": f.name, "kind": "mask" if f.is_mask else "image", "channels": f.channels}
-                        for f in self.targets],
-            "spatial_conditions": [{"name": f.name, "kind": "mask" if f.is_mask else "image",
-                                    "channels": f.channels} for f in self.conditions],
+            "targets": [entry(f) for f in self.targets],
+            "spatial_conditions": [entry(f) for f in self.conditions],
+            "vector_condition": entry(self.vector) if self.vector else None,
             "mask_encoding": "one-hot scaled to [-1, 1]; decode with argmax over the mask's channels",
             "input_layout": "x_t channels then spatial-condition channels, concatenated on dim 1",
+            "vector_encoding": "class_labels = [weights (K), null flag] @ vector_embedding.safetensors['weight']"
+                               if self.vector else None,
             "normalization": dataset.normalization,
             "data_range": dataset.data_range,
-            "image_size": self.image_size,
+            "spatial_shape": list(self.spatial_shape),
         }
-
-    def null_condition(self, cond: dict) -> dict:
-        return {k: torch.zeros_like(v) for k, v in cond.items()}
 
     def decode(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split generated channels back into named arrays: images (B, 1, H, W), masks as labels (B, 1, H, W)."""

@@ -1,21 +1,25 @@
 """2D denoiser: a diffusers UNet2DModel built from the config, plus the conditioning wrapper."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from utils.config import ConfigError, ModelConfig
 
 
-def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_size: int) -> UNet2DModel:
+def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_size: int,
+                 vector_condition: bool = False) -> UNet2DModel:
     """A UNet2DModel with one down/up block per width; attention where `attention_levels` says so.
 
     Args:
         in_channels: target channels plus spatial-condition channels (they are concatenated to the input).
         out_channels: target channels (the network predicts eps, x0, v or a velocity for each of them).
+        vector_condition: accept a class embedding (computed by `Denoiser`) added to the time embedding.
     """
     levels = len(cfg.block_out_channels)
     if len(cfg.attention_levels) != levels:
@@ -25,6 +29,11 @@ def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_s
     if bad:
         raise ConfigError(f"model.block_out_channels {bad} are not multiples of model.norm_num_groups="
                           f"{cfg.norm_num_groups}")
+    attention_widths = [c for c, a in zip(cfg.block_out_channels, cfg.attention_levels) if a]
+    attention_widths.append(cfg.block_out_channels[-1])  # the middle block always attends
+    if any(c % cfg.attention_head_dim for c in attention_widths):
+        raise ConfigError(f"model.attention_head_dim={cfg.attention_head_dim} must divide the widths with "
+                          f"attention {sorted(set(attention_widths))} (the middle block always has attention)")
     if sample_size % 2 ** (levels - 1):
         raise ConfigError(f"data.image_size={sample_size} must be divisible by {2 ** (levels - 1)} "
                           f"for {levels} UNet levels")
@@ -41,23 +50,61 @@ def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_s
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
         dropout=cfg.dropout,
-        # One extra embedding row is the null class used when the label is dropped for guidance.
-        num_class_embeds=cfg.num_class_embeds + 1 if cfg.num_class_embeds > 0 else None,
+        class_embed_type="identity" if vector_condition else None,
     )
 
 
 class Denoiser(nn.Module):
-    """net(x_t, t, cond): concatenates spatial conditions to the input and passes the label condition on.
+    """net(x_t, t, cond): concatenates spatial conditions to the input and embeds the vector condition.
 
-    The wrapper holds no weights of its own, so `denoiser.unet` is exactly what `final/unet` exports.
+    A vector condition (B, K + 1) holds weights over K classes plus a null entry; its embedding is the same
+    weighted sum of K + 1 learned class embeddings, so a plain label (one-hot), a class distribution and the
+    null condition of classifier-free guidance share one path. The embedding table is the only weight outside
+    `unet`; export writes it beside `final/unet`.
     """
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: UNet2DModel, vector_dim: int = 0):
         super().__init__()
         self.unet = unet
+        self.vector_embedding = None
+        if vector_dim:
+            time_embed_dim = unet.time_embedding.linear_2.out_features
+            self.vector_embedding = nn.Parameter(torch.randn(vector_dim, time_embed_dim) * 0.02)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
         cond = cond or {}
-        spatial, label = cond.get("spatial"), cond.get("label")
+        spatial, vector = cond.get("spatial"), cond.get("vector")
         net_input = x_t if spatial is None else torch.cat([x_t, spatial.to(x_t.dtype)], dim=1)  # (B, C+S, H, W)
-        return self.unet(net_input, t, class_labels=label).sample  # (B, C, H, W)
+        class_labels = None
+        if self.vector_embedding is not None:
+            class_labels = vector.to(self.vector_embedding.dtype) @ self.vector_embedding  # (B, D_time)
+        return self.unet(net_input, t, class_labels=class_labels).sample  # (B, C, H, W)
+
+
+def build_denoiser(cfg: ModelConfig, task) -> Denoiser:
+    """The network a task needs: its targets plus spatial conditions in, its targets out, its vector condition."""
+    unet = build_unet2d(cfg, task.target_channels + task.condition_channels, task.target_channels,
+                        task.spatial_shape[-1], vector_condition=task.vector_dim > 0)
+    return Denoiser(unet, task.vector_dim)
+
+
+VECTOR_EMBEDDING_FILE = "vector_embedding.safetensors"
+
+
+def save_denoiser(denoiser: Denoiser, folder: Path) -> None:
+    """`unet/` in diffusers format, plus the vector-condition embedding table when there is one."""
+    denoiser.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    if denoiser.vector_embedding is not None:
+        save_file({"weight": denoiser.vector_embedding.detach().cpu().contiguous()}, folder / VECTOR_EMBEDDING_FILE)
+
+
+def load_denoiser(folder: Path) -> Denoiser:
+    """Inverse of `save_denoiser` (final/ or checkpoints/best-<metric>/)."""
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+    embedding = folder / VECTOR_EMBEDDING_FILE
+    if not embedding.is_file():
+        return Denoiser(unet)
+    weight = load_file(embedding)["weight"]
+    denoiser = Denoiser(unet, weight.shape[0])
+    denoiser.vector_embedding.data.copy_(weight)
+    return denoiser

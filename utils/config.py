@@ -31,7 +31,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "nifti"  # nifti | latent_cache
+    kind: str = "nifti"  # nifti | tiles | latent_cache
     root: str = "data/demo_mni152"
     demo: str = ""  # build this demo dataset at `root` when it does not exist ("" = never)
     images: list[str] = field(default_factory=lambda: ["t1"])
@@ -68,15 +68,14 @@ class ModelConfig:
     attention_head_dim: int = 32
     norm_num_groups: int = 8
     dropout: float = 0.0
-    num_class_embeds: int = 0  # > 0 adds a class-embedding path for a label condition
 
 
 @dataclass
 class TaskConfig:
     targets: list[str] = field(default_factory=lambda: ["t1"])
     spatial_conditions: list[str] = field(default_factory=list)
-    vector_condition: str = ""
-    cond_drop_prob: float = 0.0
+    vector_condition: str = ""  # e.g. class_dist: embedded and added to the time embedding
+    cond_drop_prob: float = 0.0  # drop all conditions of a sample with this probability (guidance)
     loss_weights: dict[str, float] = field(default_factory=dict)  # per target, default 1
     roi_mask: str = ""  # mask whose foreground up-weights the loss ("" = none)
     roi_weight: float = 1.0

@@ -9,6 +9,7 @@ from pathlib import Path
 import diffusers
 import yaml
 
+from models.unet2d import save_denoiser
 from utils.checkpoint import TEMP_PREFIX
 
 
@@ -22,35 +23,35 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def export_final(folder: Path, unet, strategy, task_info: dict, pipeline_class: str = "") -> Path:
+def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_class: str = "") -> Path:
     """Write unet/, scheduler/, task.yaml (and model_index.json when a stock pipeline can sample the model).
 
     Args:
-        unet: the bare diffusers model (unwrapped, EMA weights already swapped in).
+        denoiser: the unwrapped `Denoiser` (EMA weights already swapped in).
         task_info: what a user needs to feed the model: targets, conditions, channels, normalisation.
         pipeline_class: e.g. "DDIMPipeline" for an unconditional DDPM model; "" writes no model_index.json.
     """
     tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    save_denoiser(denoiser, tmp)
     strategy.export_scheduler(tmp / "scheduler")
     (tmp / "task.yaml").write_text(yaml.safe_dump(task_info, sort_keys=False))
     if pipeline_class:
         scheduler_class = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
         (tmp / "model_index.json").write_text(json.dumps({
             "_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", type(unet).__name__], "scheduler": ["diffusers", scheduler_class]}, indent=2))
+            "unet": ["diffusers", type(denoiser.unet).__name__], "scheduler": ["diffusers", scheduler_class]}, indent=2))
     _replace_dir(tmp, folder)
     return folder
 
 
-def export_weights(folder: Path, unet, info: dict) -> Path:
+def export_weights(folder: Path, denoiser, info: dict) -> Path:
     """Weights only (e.g. best-val_loss): unet/ in diffusers format plus metric.json saying why it was kept."""
     tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    save_denoiser(denoiser, tmp)
     (tmp / "metric.json").write_text(json.dumps(info, indent=2))
     _replace_dir(tmp, folder)
     return folder
