@@ -17,10 +17,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from data import build_datasets
+from data.sources import load_data, pixel_references
 from diffusion import build_strategy
 from diffusion.generate import generate
-from diffusion.task import Task, fields_from_config
+from diffusion.task import Field, Task
 from models.unet2d import Denoiser, build_denoiser, load_denoiser
 from utils import config as config_lib
 from utils import metrics
@@ -28,7 +28,7 @@ from utils.config import ConfigError
 from utils.distributed import check_launch
 from utils.evaluation import SeedItems, sample_items, score_item
 from utils.logging import setup_logging
-from utils.visualization import comparison_grid, denoising_strip, metric_curves, overlay_contours
+from utils.visualization import comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours
 
 
 def load_weights(run_dir: Path, weights: str, cfg, task: Task) -> Denoiser:
@@ -49,8 +49,8 @@ def load_weights(run_dir: Path, weights: str, cfg, task: Task) -> Denoiser:
     return denoiser
 
 
-def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict, task: Task) -> None:
-    """per_item.csv, report.json and one .npz per item, in the normalised space."""
+def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict, scored: list[Field]) -> None:
+    """per_item.csv, report.json and one .npz per item, in the normalised (pixel) space."""
     (out / "samples").mkdir(parents=True, exist_ok=True)
     names = sorted({k for s in scores for k in s})
     with (out / "per_item.csv").open("w", newline="") as f:
@@ -59,35 +59,38 @@ def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict
         for item, score in zip(items, scores):
             writer.writerow([item["item_id"], *[f"{score.get(n, float('nan')):.8g}" for n in names]])
     for item in items:
+        # generated (S, C, H, W) and reference (C, H, W) of the first scored field, plus every field by name.
         arrays = {"data_range": np.float64(report["data_range"])}
-        first_target = task.targets[0].name
-        arrays["generated"] = np.stack([g[first_target] for g in item["generated"]])  # (S, C, H, W)
-        for f in task.targets:
-            arrays[f"generated_{f.name}"] = np.stack([g[f.name] for g in item["generated"]])
+        for k, f in enumerate(scored):
+            generated = np.stack([g[f.name] for g in item["generated"]])
+            arrays[f"generated_{f.name}"] = generated
+            if k == 0:
+                arrays["generated"] = generated
             if f.name in item["reference"]:
                 arrays[f"reference_{f.name}"] = item["reference"][f.name]
-        if first_target in item["reference"]:
-            arrays["reference"] = item["reference"][first_target]
-        for name, value in item["condition"].items():
+                if k == 0:
+                    arrays["reference"] = item["reference"][f.name]
+        for k, (name, value) in enumerate(item["condition"].items()):
             arrays[f"condition_{name}"] = value
-        if item["condition"]:
-            arrays["condition"] = next(iter(item["condition"].values()))
+            if k == 0:
+                arrays["condition"] = value
         np.savez_compressed(out / "samples" / f"{item['item_id'].replace('/', '__')}.npz", **arrays)
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def figures(out: Path, run_dir: Path, items: list[dict], task: Task, count: int, strip: dict) -> None:
-    target = task.targets[0].name
+def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict, shown: Field) -> None:
+    """comparison.png (condition | generated | reference | error, contours), denoising.png, training curves."""
     rows, titles = [], []
     for item in items[:count]:
-        row = {"generated": item["generated"][0][target][0]}
+        row = {"generated": figure_array(item["generated"][0][shown.name])}
+        reference = item["reference"].get(shown.name)
         if item["condition"]:
             cond = next(iter(item["condition"].values()))[0]
             row["condition"] = cond
-            if target in item["reference"] and not task.targets[0].is_mask:
-                row["reference contours"] = overlay_contours(item["reference"][target][0], cond)
-        if target in item["reference"]:
-            row["reference"] = item["reference"][target][0]
+            if reference is not None and reference.shape[0] == 1 and cond.shape == reference.shape[1:]:
+                row["reference + mask contours"] = overlay_contours(reference[0], cond)
+        if reference is not None:
+            row["reference"] = figure_array(reference)
         rows.append(row)
         titles.append(item["item_id"])
     comparison_grid(rows, out / "comparison.png", titles=titles)
@@ -112,22 +115,24 @@ def main(argv=None):
 
     # Data, task, weights, strategy.
     cfg.data.demo = ""  # evaluation reads the data the run trained on; it never builds a dataset
-    datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=False)
-    if ev.split not in datasets:
+    bundle = load_data(cfg, run_dir, is_main_process=False, device=accelerator.device)
+    if ev.split not in bundle.datasets:
         raise ConfigError(f"eval.split={ev.split}: the run has no such split (data.test_fraction is 0)")
-    task = Task(cfg.task, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
+    task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
+    scored = pixel_references(bundle, task)
     strategy = build_strategy(cfg.diffusion)
     net = load_weights(run_dir, ev.weights, cfg, task).to(accelerator.device).eval()
-    reference_set = datasets[ev.split]
+    reference_set = bundle.datasets[ev.split]
     data_range = ev.data_range or reference_set.data_range
     if ev.data_range:
-        sample = reference_set.arrays[reference_set.image_names[0]][:64]
+        image = next(f.name for f in scored if not f.is_mask)
+        sample = torch.stack([reference_set[i][image] for i in range(min(len(reference_set), 16))])
         metrics.check_data_range(ev.data_range, sample, name="eval.data_range")
     features = metrics.FeatureExtractor(ev.feature_network, accelerator.device, ev.feature_channels or None) \
         if ev.feature_network else None
 
-    # Items: every held-out item (conditional) or eval.num_items seeds (unconditional).
-    if task.is_conditional:
+    # Items: every held-out item (for its conditions) or eval.num_items seeds (unconditional).
+    if task.is_conditional or task.vector:
         items_set = reference_set
         count = min(ev.num_items, len(items_set)) if ev.num_items > 0 else len(items_set)
     else:
@@ -141,13 +146,13 @@ def main(argv=None):
     # Sample and score.
     progress = tqdm(total=count, desc="eval", disable=not accelerator.is_main_process, dynamic_ncols=True)
     items = sample_items(strategy, net, task, items_set, indices, ev.batch_size, ev.seed, ev.sampling_steps,
-                         cfg.diffusion.guidance_scale, accelerator, ev.samples_per_item, progress)
+                         cfg.diffusion.guidance_scale, accelerator, ev.samples_per_item, progress,
+                         scored=scored, to_pixels=bundle.to_pixels)
     progress.close()
-    scores = [score_item(task, item, data_range) for item in items]
-    if features is not None and task.is_conditional:
-        fid_scores = distribution_scores(features, items, reference_set, task)
-    else:
-        fid_scores = {}
+    # Per-item comparisons need a reference that the conditions pin down (a spatial condition).
+    scores = [score_item(scored, item if task.is_conditional else {**item, "reference": {}}, data_range,
+                         task.region_mask) for item in items]
+    fid_scores = distribution_scores(features, items, scored, reference_set) if features is not None else {}
 
     # Write (one writer).
     if accelerator.is_main_process:
@@ -165,36 +170,40 @@ def main(argv=None):
                                "strategy": cfg.diffusion.strategy, "guidance_scale": cfg.diffusion.guidance_scale,
                                "seed": ev.seed, "num_processes": accelerator.num_processes,
                                "normalization": reference_set.normalization}}
-        write_outputs(out, items, scores, report, task)
-        strip = denoising_trajectory(strategy, net, task, items_set, ev, accelerator.device)
-        figures(out, run_dir, items, task, ev.num_figures, strip)
+        write_outputs(out, items, scores, report, scored)
+        strip = denoising_trajectory(strategy, net, task, items_set, ev, accelerator.device, bundle.to_pixels,
+                                     scored[0].name)
+        figures(out, run_dir, items, ev.num_figures, strip, scored[0])
         logger.info("%s", ", ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None))
         logger.info("wrote %s", out)
     accelerator.wait_for_everyone()
 
 
-def distribution_scores(features, items: list[dict], reference_set, task: Task) -> dict:
-    """FID and KID between generated and reference images of the first image target."""
-    target = next((f.name for f in task.targets if not f.is_mask), None)
-    if target is None:
+def distribution_scores(features, items: list[dict], scored: list[Field], reference_set) -> dict:
+    """FID and KID between all generated samples and the held-out images, on the first scored image."""
+    image = next((f.name for f in scored if not f.is_mask), None)
+    if image is None:
         return {}
-    generated = torch.from_numpy(np.stack([g[target] for it in items for g in it["generated"]]))
-    reference = torch.from_numpy(np.stack([it["reference"][target] for it in items]))
+    generated = torch.from_numpy(np.stack([g[image] for it in items for g in it["generated"]]))
+    reference = torch.stack([reference_set[i][image] for i in range(len(reference_set))]).float()
     f_gen = torch.cat([features(generated[i:i + 64]) for i in range(0, len(generated), 64)])
     f_ref = torch.cat([features(reference[i:i + 64]) for i in range(0, len(reference), 64)])
     kid_mean, kid_std = metrics.kid(f_gen, f_ref, subset_size=min(len(f_gen), len(f_ref), 1000))
-    return {"fid": {"value": metrics.fid_from_features(f_gen, f_ref), "n": len(f_gen)},
+    return {"fid": {"value": metrics.fid_from_features(f_gen, f_ref), "n": len(f_gen), "n_reference": len(f_ref)},
             "kid": {"mean": kid_mean, "std": kid_std, "n": len(f_gen)}}
 
 
 @torch.no_grad()
-def denoising_trajectory(strategy, net, task: Task, items_set, ev, device) -> dict:
-    """Predicted x0 along the sampling path of item 0 (for the denoising strip figure)."""
+def denoising_trajectory(strategy, net, task: Task, items_set, ev, device, to_pixels, shown: str) -> dict:
+    """Predicted x0 along the sampling path of item 0, in pixel space (for the denoising strip figure)."""
     batch = {k: (v[None].to(device) if torch.is_tensor(v) else [v]) for k, v in items_set[0].items()}
     strip = {"x0": [], "t": []}
 
     def record(i, t, x_t, x0_pred):
-        strip["x0"].append(task.decode(x0_pred.float())[task.targets[0].name][0, 0].cpu().numpy())
+        decoded = task.decode(x0_pred.float())
+        if to_pixels is not None:
+            decoded.update(to_pixels(decoded))
+        strip["x0"].append(figure_array(decoded[shown][0].cpu().numpy()))
         strip["t"].append(t)
 
     generate(strategy, net, task, batch, [0], ev.seed, ev.sampling_steps, device, callback=record)

@@ -17,14 +17,14 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data import build_datasets, random_flip
+from data import balanced_weights, random_flip
+from data.sources import load_data, pixel_references
 from diffusion import build_strategy
-from diffusion.task import Task, fields_from_config
+from diffusion.task import Task
 from models.unet2d import build_denoiser
 from utils import config as config_lib
 from utils.checkpoint import (load_checkpoint, prepare_run_dir, remove_incomplete, resolve_resume,
                               save_checkpoint)
-from utils.config import ConfigError
 from utils.distributed import check_launch
 from utils.ema import EMA
 from utils.evaluation import heldout_loss, mean_scores, sample_items, score_item
@@ -32,7 +32,7 @@ from utils.export import export_final, export_weights
 from utils.logging import setup_logging
 from utils.tracking import MetricsLog, accelerate_trackers
 from utils.training import ResumableBatchSampler, build_lr_scheduler, build_optimizer, seed_step
-from utils.visualization import comparison_grid
+from utils.visualization import comparison_grid, figure_array
 
 # Best-model folders: metric -> whether lower is better.
 BEST_METRICS = {"val/loss": True, "val/ssim": False}
@@ -42,9 +42,10 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger):
+def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger):
     """Held-out loss every validation.every steps; sampling, SSIM/PSNR and figures every sample_every."""
-    val, net = datasets["val"], accelerator.unwrap_model(model)
+    val, net = bundle.datasets["val"], accelerator.unwrap_model(model)
+    scored = pixel_references(bundle, task)
     results = {}
     with ema.swapped(model) if ema else nullcontext():
         net.eval()
@@ -57,15 +58,16 @@ def validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metri
             count = min(cfg.validation.num_samples, len(val))
             indices = sorted({round(i * (len(val) - 1) / max(count - 1, 1)) for i in range(count)})
             items = sample_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
-                                 cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator)
+                                 cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator,
+                                 scored=scored, to_pixels=bundle.to_pixels)
             if task.is_conditional:
-                scores = mean_scores([score_item(task, it, val.data_range) for it in items])
+                scores = mean_scores([score_item(scored, it, val.data_range, task.region_mask) for it in items])
                 results.update({f"val/{k}": v for k, v in scores.items()})
             if accelerator.is_main_process:
                 rows = [{"condition": next(iter(it["condition"].values()), None),
-                         "generated": it["generated"][0][task.targets[0].name],
-                         "reference": it["reference"][task.targets[0].name]} for it in items]
-                png = comparison_grid([{k: v[0] for k, v in r.items() if v is not None} for r in rows],
+                         "generated": it["generated"][0][scored[0].name],
+                         "reference": it["reference"].get(scored[0].name)} for it in items]
+                png = comparison_grid([{k: figure_array(v) for k, v in r.items() if v is not None} for r in rows],
                                       Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png",
                                       titles=[it["item_id"] for it in items])
                 metrics_log.log_image("samples", png, step)
@@ -101,8 +103,9 @@ def main(argv=None):
     prepare_run_dir(run_dir, resume_from, cfg, accelerator.is_main_process)
 
     # Data, task, model, strategy. Everything that can reject the input runs before any training.
-    datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=accelerator.is_main_process)
-    task = Task(cfg.task, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
+    bundle = load_data(cfg, run_dir, accelerator.is_main_process, accelerator.device)
+    datasets = bundle.datasets
+    task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
     strategy = build_strategy(cfg.diffusion)
     set_seed(cfg.run.seed)  # the initial weights
     model = build_denoiser(cfg.model, task)
@@ -112,7 +115,7 @@ def main(argv=None):
     lr_scheduler = build_lr_scheduler(optimizer, cfg.training)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(model, cfg.training.ema_decay, cfg.training.ema_warmup) if cfg.training.ema_decay > 0 else None
-    logger.info("%d train / %d val slices; UNet %.2fM parameters", len(datasets["train"]), len(datasets["val"]),
+    logger.info("%d train / %d val items; UNet %.2fM parameters", len(datasets["train"]), len(datasets["val"]),
                 sum(p.numel() for p in model.parameters()) / 1e6)
 
     state = {"step": 0, "nonfinite_steps": 0, "best": {}, "running": {}}
@@ -124,8 +127,9 @@ def main(argv=None):
 
     # Batches: micro-batch k is a pure function of k, so a resumed run continues the same sequence.
     accum, step = cfg.training.grad_accum_steps, state["step"]
+    weights = balanced_weights(datasets["train"]) if cfg.data.class_balanced else None
     sampler = ResumableBatchSampler(len(datasets["train"]), cfg.training.batch_size, accelerator.process_index,
-                                    accelerator.num_processes, cfg.run.seed, start=step * accum)
+                                    accelerator.num_processes, cfg.run.seed, start=step * accum, weights=weights)
     batches = iter(DataLoader(datasets["train"], batch_sampler=sampler, num_workers=cfg.data.num_workers,
                               pin_memory=accelerator.device.type == "cuda"))
     running = {k: torch.tensor(v, device=accelerator.device) for k, v in state["running"].items()}
@@ -135,7 +139,7 @@ def main(argv=None):
                     desc="train", dynamic_ncols=True)
 
     if step == 0 and cfg.validation.at_start:
-        validate(0, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger)
+        validate(0, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
     start_step = step
     timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
     while step < cfg.training.max_steps:
@@ -203,7 +207,7 @@ def main(argv=None):
         paused = time.perf_counter()  # validation and checkpoints do not count as training throughput
         if step % cfg.validation.every == 0 or step % cfg.validation.sample_every == 0 \
                 or step == cfg.training.max_steps:
-            validate(step, cfg, strategy, model, ema, task, datasets, accelerator, metrics_log, state, logger)
+            validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
 
         stopping = cfg.training.stop_after > 0 and step - start_step >= cfg.training.stop_after
         if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or stopping:
@@ -224,9 +228,14 @@ def main(argv=None):
     # Export the EMA weights in diffusers format.
     with ema.swapped(model) if ema else nullcontext():
         if accelerator.is_main_process:
-            unconditional_ddpm = cfg.diffusion.strategy == "ddpm" and not task.is_conditional
-            export_final(run_dir / "final", accelerator.unwrap_model(model), strategy,
-                         task.describe(datasets["train"]), "DDIMPipeline" if unconditional_ddpm else "")
+            unconditional_ddpm = cfg.diffusion.strategy == "ddpm" and not (task.is_conditional or task.vector)
+            info = task.describe(datasets["train"])
+            vae = None
+            if bundle.autoencoder is not None:  # latent diffusion: x0 = (vae latent - shift) * scale
+                info["latent"] = {"scale": datasets["train"].scale, "shift": datasets["train"].shift}
+                vae = bundle.autoencoder.model
+            export_final(run_dir / "final", accelerator.unwrap_model(model), strategy, info,
+                         "DDIMPipeline" if unconditional_ddpm else "", vae=vae)
     accelerator.wait_for_everyone()
     metrics_log.close()
     logger.info("done: %s", run_dir / "final")

@@ -142,6 +142,8 @@ class LoggingConfig:
 class LatentConfig:
     autoencoder: str = ""  # folder of an exported (final/) or diffusers-format AutoencoderKL / VQModel
     cache_dir: str = ""  # latent cache written by encode_latents.py and read with data.kind: latent_cache
+    source_kind: str = "nifti"  # what encode_latents.py reads with the data section: nifti | tiles
+    batch_size: int = 16  # items per encoder call, per process
     shard_size: int = 256  # items per cache shard
     tile_size: int = 0  # > 0: encode/decode in overlapping tiles of this many pixels (large images)
     tile_overlap: int = 16  # pixels of overlap between tiles, blended linearly

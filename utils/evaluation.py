@@ -8,14 +8,14 @@ therefore does not depend on how many processes computed it.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import default_collate
 
 from diffusion.generate import generate, item_noise, item_uniform
-from diffusion.task import Task
+from diffusion.task import Field, Task
 from utils import metrics
 from utils.distributed import gather_objects, shard
 
@@ -63,23 +63,24 @@ def heldout_loss(strategy, net, task: Task, dataset, indices: Sequence[int], bat
     return out
 
 
-def _region_of(task: Task, item: dict) -> Optional[torch.Tensor]:
-    """The item's region-of-interest mask (1, 1, H, W) bool, from the condition or reference mask."""
-    name = task.region_mask
-    labels = item["condition"].get(name, item["reference"].get(name)) if name else None
-    return None if labels is None else torch.from_numpy(labels)[None] > 0
+def _region_of(region_mask: str, item: dict, shape) -> Optional[torch.Tensor]:
+    """The item's region-of-interest mask (1, 1, H, W) bool, when a mask of the scored size is available."""
+    labels = item["condition"].get(region_mask, item["reference"].get(region_mask)) if region_mask else None
+    if labels is None or tuple(labels.shape[-2:]) != tuple(shape[-2:]):
+        return None  # e.g. a latent-size mask cannot select pixels of the decoded image
+    return torch.from_numpy(labels)[None] > 0
 
 
-def score_item(task: Task, item: dict, data_range: float) -> dict[str, float]:
-    """Metrics of one sampled item (see `sample_items`) against its reference.
+def score_item(fields: Sequence[Field], item: dict, data_range: float, region_mask: str = "") -> dict[str, float]:
+    """Metrics of one sampled item (see `sample_items`) against its reference, for each scored field.
 
-    Images: SSIM, PSNR, MAE, MSE, and the same inside/outside the region mask when the task has one; masks:
-    Dice per label; with several samples per item: diversity (mean pairwise MS-SSIM). Unconditional items
-    have no reference, so only diversity applies.
+    Images: SSIM, PSNR, MAE, MSE, and the same inside/outside `region_mask` when one of the scored size is
+    available; masks: Dice per label; with several samples per item: diversity (mean pairwise MS-SSIM).
+    Items without a reference (unconditional tasks) get diversity only.
     """
-    scores, region = {}, _region_of(task, item)
-    for f in task.targets:
-        suffix = "" if len(task.targets) == 1 else f"_{f.name}"
+    scores = {}
+    for f in fields:
+        suffix = "" if len(fields) == 1 else f"_{f.name}"
         gen = torch.from_numpy(item["generated"][0][f.name])[None]  # (1, C, H, W)
         ref = item["reference"].get(f.name)
         if ref is not None and f.is_mask:
@@ -87,9 +88,10 @@ def score_item(task: Task, item: dict, data_range: float) -> dict[str, float]:
             scores.update({f"dice{suffix}_{label}": v for label, v in enumerate(dice.tolist(), start=1)})
         elif ref is not None:
             gen, ref = gen.float(), torch.from_numpy(ref)[None].float()
+            region = _region_of(region_mask, item, gen.shape)
             regions = {"": None}
             if region is not None:
-                regions.update({f"_in_{task.region_mask}": region, f"_out_{task.region_mask}": ~region})
+                regions.update({f"_in_{region_mask}": region, f"_out_{region_mask}": ~region})
             for name, mask in regions.items():
                 scores[f"ssim{suffix}{name}"] = float(metrics.ssim(gen, ref, data_range, mask=mask)[0])
                 scores[f"psnr{suffix}{name}"] = float(metrics.psnr(gen, ref, data_range, mask=mask)[0])
@@ -123,12 +125,18 @@ class SeedItems(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], batch_size: int, seed: int, steps: int,
-                 guidance_scale: float, accelerator, samples_per_item: int = 1, progress=None) -> list[dict]:
+                 guidance_scale: float, accelerator, samples_per_item: int = 1, progress=None,
+                 scored: Optional[Sequence[Field]] = None, to_pixels: Optional[Callable] = None) -> list[dict]:
     """Generate every item in `indices` once per sample (sample s of item i uses noise seeded by seed + s, i).
 
+    Args:
+        scored: the fields scored later (default: the task's targets); their references are kept.
+        to_pixels: maps the decoded targets to the scored fields (latent -> pixel space).
+
     Returns, on every process, one dict per item in index order: index, item_id, generated (list over samples
-    of {name: array (C, H, W)}, masks as labels), reference and condition ({name: array (1, H, W)}).
+    of {name: array (C, H, W)}, masks as labels), reference and condition ({name: array (C, H, W)}).
     """
+    scored = list(scored or task.targets)
     results = []
     for idx, real, batch in sharded_batches(dataset, indices, batch_size, accelerator.process_index,
                                             accelerator.num_processes, accelerator.device):
@@ -137,13 +145,15 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
             with accelerator.autocast():
                 x0 = generate(strategy, net, task, batch, idx, seed + s, steps, accelerator.device, guidance_scale)
             decoded = task.decode(x0.float())  # images float32, masks integer labels
+            if to_pixels is not None:
+                decoded.update(to_pixels(decoded))
             samples.append({k: v.cpu().numpy() for k, v in decoded.items()})
         for j in range(real):
             results.append({
                 "index": idx[j],
                 "item_id": batch["item_id"][j],
                 "generated": [{k: v[j] for k, v in sample.items()} for sample in samples],
-                "reference": {f.name: batch[f.name][j].cpu().numpy() for f in task.targets if f.name in batch},
+                "reference": {f.name: batch[f.name][j].cpu().numpy() for f in scored if f.name in batch},
                 "condition": {f.name: batch[f.name][j].cpu().numpy() for f in task.conditions},
             })
         if progress is not None:

@@ -23,19 +23,22 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_class: str = "") -> Path:
+def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_class: str = "", vae=None) -> Path:
     """Write unet/, scheduler/, task.yaml (and model_index.json when a stock pipeline can sample the model).
 
     Args:
         denoiser: the unwrapped `Denoiser` (EMA weights already swapped in).
         task_info: what a user needs to feed the model: targets, conditions, channels, normalisation.
         pipeline_class: e.g. "DDIMPipeline" for an unconditional DDPM model; "" writes no model_index.json.
+        vae: the frozen autoencoder of a latent diffusion model, written to vae/.
     """
     tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_denoiser(denoiser, tmp)
     strategy.export_scheduler(tmp / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(tmp / "vae", safe_serialization=True)
     (tmp / "task.yaml").write_text(yaml.safe_dump(task_info, sort_keys=False))
     if pipeline_class:
         scheduler_class = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())["_class_name"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch.utils.data import Sampler
@@ -50,13 +51,14 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Endless batches of indices; epoch e is a permutation seeded by (seed, e).
+    """Endless batches of indices; epoch e is a permutation (or a weighted draw) seeded by (seed, e).
 
     Each global batch is split between ranks, so ranks see different samples, and micro-batch k is a pure
     function of k: resuming at k needs no saved sampler state.
     """
 
-    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0,
+                 weights: Optional[torch.Tensor] = None):
         global_batch = batch_size * world_size
         if num_items < global_batch:
             raise ConfigError(f"the training set has {num_items} items, fewer than one global batch "
@@ -64,6 +66,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.num_items, self.batch_size, self.rank = num_items, batch_size, rank
         self.global_batch, self.seed, self.start = global_batch, seed, start
         self.batches_per_epoch = num_items // global_batch  # the incomplete last batch is dropped
+        # Per-item sampling weights (class-balanced sampling): an epoch draws num_items with replacement.
+        self.weights = weights
 
     def __iter__(self):
         k, order_epoch = self.start, None
@@ -71,7 +75,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
             epoch, offset = divmod(k, self.batches_per_epoch)
             if epoch != order_epoch:
                 generator = torch.Generator().manual_seed(self.seed + epoch)
-                order, order_epoch = torch.randperm(self.num_items, generator=generator), epoch
+                if self.weights is None:
+                    order = torch.randperm(self.num_items, generator=generator)
+                else:
+                    order = torch.multinomial(self.weights, self.num_items, replacement=True, generator=generator)
+                order_epoch = epoch
             begin = offset * self.global_batch + self.rank * self.batch_size
             yield order[begin:begin + self.batch_size].tolist()
             k += 1

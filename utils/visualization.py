@@ -277,3 +277,8 @@ def image_grid(images: list[np.ndarray], path: Path, ncols: int, zoom: int = 1, 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path, format="PNG")
     return path
+
+
+def figure_array(array: np.ndarray) -> np.ndarray:
+    """An item's (C, H, W) array as the figures draw it: (H, W) for one channel, colour (3, H, W) as is."""
+    return array[0] if array.shape[0] == 1 else array

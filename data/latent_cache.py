@@ -1,0 +1,129 @@
+"""Latent cache: autoencoder latents of a dataset, encoded once (encode_latents.py) and read memory-mapped.
+
+A cache folder holds `manifest.json` and `shard-XXXXX.safetensors`. Each shard holds the items of one split:
+`latent` (N, C, h, w) raw autoencoder latents, masks at latent size (majority label of each f x f block),
+vectors (class distributions), and, for held-out shards only, the source images in pixel space so that samples
+can be scored against them without reading the source data. The manifest records the encoder's identity, the
+latent scale/shift (computed from the training latents; applied on read), shapes, the split and the creation
+config. Training reads only the cache.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+from diffusion.task import Field
+from utils.config import ConfigError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def masks_at_latent_size(labels: torch.Tensor, num_classes: int, factor: int) -> torch.Tensor:
+    """(B, 1, H, W) labels -> (B, 1, H/f, W/f): the most frequent label of each f x f block."""
+    one_hot = F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).float()  # (B, K, H, W)
+    return F.avg_pool2d(one_hot, factor).argmax(dim=1, keepdim=True)
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"latent.cache_dir={cache_dir} holds no {MANIFEST}: build the cache first with "
+                          "encode_latents.py --config <the same preset>")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"{path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def check_encoder(manifest: dict, identity: str, autoencoder: str, cache_dir: Path) -> None:
+    """Refuse a cache encoded by another autoencoder than the one the config names."""
+    if manifest["encoder"]["identity"] != identity:
+        raise ConfigError(f"the latent cache {cache_dir} was encoded by a different autoencoder "
+                          f"({manifest['encoder']['folder']}, identity {manifest['encoder']['identity'][:12]}) "
+                          f"than latent.autoencoder={autoencoder} (identity {identity[:12]}); re-encode or point "
+                          "latent.autoencoder at the encoder of the cache")
+
+
+def open_shard(path: Path, expected_items: int):
+    """A memory-mapped shard; a missing, truncated or corrupt file is reported by name."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+        rows = handle.get_slice("latent").get_shape()[0]
+    except Exception as error:  # safetensors raises SafetensorError / OSError for damaged files
+        raise ConfigError(f"latent cache shard {path} cannot be read ({str(error).splitlines()[0]}); "
+                          "delete it and rerun encode_latents.py to re-encode it") from None
+    if rows != expected_items:
+        raise ConfigError(f"latent cache shard {path} holds {rows} items, the manifest says {expected_items}")
+    return handle
+
+
+class LatentCacheDataset(Dataset):
+    """Items of one split of a latent cache; latents normalised as (z - shift) * scale on read.
+
+    Item: {"latent": float32 (C, h, w), <mask>: int64 (1, h, w), <vector>: float32 (K,), "item_id": str, and for
+    held-out splits the source images <name>: float32 (C, H, W) in [-1, 1]}.
+    """
+
+    data_range = 2.0  # the source images were normalised to [-1, 1]
+
+    def __init__(self, cache_dir: Path, split: str, manifest: Optional[dict] = None):
+        self.cache_dir = Path(cache_dir)
+        self.manifest = manifest or read_manifest(self.cache_dir)
+        self.scale, self.shift = self.manifest["scale"], self.manifest["shift"]
+        self.normalization = self.manifest["source_normalization"]
+        self.fields = {name: Field(name, spec["kind"], spec["channels"])
+                       for name, spec in self.manifest["fields"].items()}
+        self.pixel_fields = [Field(name, "image", c) for name, c in self.manifest["pixel_inputs"].items()]
+        self.spatial_shape = tuple(self.manifest["latent_shape"][1:])
+        self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        self.item_ids = [item for s in self.shards for item in s["items"]]
+        self._rows = [(k, row) for k, s in enumerate(self.shards) for row in range(len(s["items"]))]
+        for s in self.shards:  # fail now, naming the file, rather than mid-training
+            open_shard(self.cache_dir / s["file"], len(s["items"]))
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _handle(self, k: int):
+        # Opened lazily, so each DataLoader worker maps the files itself.
+        if k not in self._handles:
+            self._handles[k] = open_shard(self.cache_dir / self.shards[k]["file"], len(self.shards[k]["items"]))
+        return self._handles[k]
+
+    def __getitem__(self, index: int) -> dict:
+        k, row = self._rows[index]
+        handle = self._handle(k)
+        item = {name: handle.get_slice(name)[row:row + 1][0] for name in handle.keys()}
+        item["latent"] = (item["latent"].float() - self.shift) * self.scale
+        for name, field in self.fields.items():
+            if field.kind == "mask":
+                item[name] = item[name].long()
+            elif field.kind == "vector":
+                item[name] = item[name].float()
+        for field in self.pixel_fields:
+            if field.name in item:
+                item[field.name] = item[field.name].float()
+        item["item_id"] = self.shards[k]["items"][row]
+        return item
+
+
+def build_cache_datasets(cache_dir: Path) -> dict[str, LatentCacheDataset]:
+    """{"train", "val"[, "test"]} of a cache, split as its manifest records."""
+    manifest = read_manifest(cache_dir)
+    splits = sorted({s["split"] for s in manifest["shards"]})
+    return {split: LatentCacheDataset(cache_dir, split, manifest) for split in splits}

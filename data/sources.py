@@ -1,0 +1,71 @@
+"""What a diffusion run trains on: pixel-space datasets, or a latent cache plus the autoencoder that decodes it.
+
+Both give the same bundle, so training, validation and evaluation do not branch on the space: samples are
+always scored in pixel space, against the source images.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from data import build_datasets
+from data.latent_cache import build_cache_datasets, check_encoder
+from diffusion.task import Field, fields_from_config
+from utils.checkpoint import atomic_write_text
+from utils.config import Config, ConfigError
+
+
+@dataclass
+class DataBundle:
+    datasets: dict  # split -> dataset
+    fields: dict[str, Field]  # what the datasets provide
+    spatial_shape: tuple[int, int]  # of the generated arrays
+    scored: Optional[list[Field]] = None  # pixel-space fields scored instead of the task's targets (latent runs)
+    to_pixels: Optional[Callable[[dict], dict]] = None  # generated latents -> {scored name: pixels}
+    autoencoder: object = None
+
+
+class LatentDecoder:
+    """Turns generated (normalised) latents into source images in [-1, 1], split into the named inputs."""
+
+    def __init__(self, autoencoder, scale: float, shift: float, pixel_fields: list[Field]):
+        self.autoencoder, self.scale, self.shift, self.pixel_fields = autoencoder, scale, shift, pixel_fields
+
+    def __call__(self, generated: dict) -> dict:
+        from models.autoencoder import denormalise
+        latent = generated["latent"]
+        pixels = self.autoencoder.decode(denormalise(latent.float(), self.scale, self.shift)).clamp(-1, 1)
+        out, start = {}, 0
+        for f in self.pixel_fields:
+            out[f.name] = pixels[:, start:start + f.channels].to(latent.device)
+            start += f.channels
+        return out
+
+
+def load_data(cfg: Config, run_dir: Path, is_main_process: bool, device) -> DataBundle:
+    """Datasets of cfg.data.kind; for a latent cache also checks its encoder and loads it for decoding."""
+    if cfg.data.kind != "latent_cache":
+        datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=is_main_process)
+        return DataBundle(datasets, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
+
+    from models.autoencoder import FrozenAutoencoder
+    if not (cfg.latent.cache_dir and cfg.latent.autoencoder):
+        raise ConfigError("data.kind=latent_cache needs latent.cache_dir and latent.autoencoder")
+    datasets = build_cache_datasets(Path(cfg.latent.cache_dir))
+    train = datasets["train"]
+    autoencoder = FrozenAutoencoder.load(cfg.latent.autoencoder, device, cfg.latent.tile_size,
+                                         cfg.latent.tile_overlap)
+    check_encoder(train.manifest, autoencoder.identity, cfg.latent.autoencoder, Path(cfg.latent.cache_dir))
+    split_path = Path(run_dir) / "split.json"
+    if is_main_process and not split_path.exists():  # the run's split is the cache's
+        atomic_write_text(split_path, json.dumps(train.manifest["split"], indent=1))
+    decoder = LatentDecoder(autoencoder, train.scale, train.shift, train.pixel_fields)
+    return DataBundle(datasets, train.fields, train.spatial_shape, train.pixel_fields, decoder, autoencoder)
+
+
+def pixel_references(bundle: DataBundle, task) -> list[Field]:
+    """The fields samples are scored on: the task's targets in pixel space, or the decoded source images."""
+    return bundle.scored if bundle.scored is not None else task.targets
+
