@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
@@ -90,7 +91,8 @@ def main(argv=None):
     # Encoder, source data, shard plan.
     autoencoder = FrozenAutoencoder.load(cfg.latent.autoencoder, accelerator.device, cfg.latent.tile_size,
                                          cfg.latent.tile_overlap)
-    inputs = autoencoder.metadata.get("inputs") or cfg.vae.inputs
+    # The images the autoencoder was trained on (its export says which); a plain diffusers folder: vae.inputs.
+    inputs = [spec["name"] for spec in autoencoder.metadata.get("inputs", [])] or cfg.vae.inputs
     if accelerator.is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -123,14 +125,14 @@ def main(argv=None):
 
     # Manifest: scale/shift from the training latents, then a decode check on held-out items.
     if accelerator.is_main_process:
-        train_latents = torch.cat([open_shard(cache_dir / s["file"], len(s["items"])).get_tensor("latent")
+        train_latents = torch.cat([torch.from_numpy(np.array(open_shard(cache_dir / s["file"], len(s["items"]))["latent"]))
                                    for s in shards if s["split"] == "train"])
         shift, scale = float(train_latents.mean()), float(1.0 / train_latents.std())
         check = next(s for s in shards if s["split"] != "train")
         stored = open_shard(cache_dir / check["file"], len(check["items"]))
         count = min(8, len(check["items"]))
-        decoded = autoencoder.decode(stored.get_tensor("latent")[:count]).cpu()
-        reference = torch.cat([stored.get_tensor(n)[:count].float() for n in inputs], dim=1)
+        decoded = autoencoder.decode(torch.from_numpy(np.array(stored["latent"][:count]))).cpu()
+        reference = torch.cat([torch.from_numpy(np.array(stored[n][:count])).float() for n in inputs], dim=1)
         recon_psnr = float(psnr(decoded.clamp(-1, 1), reference, data_range=2.0).mean())
         manifest = {
             "format_version": FORMAT_VERSION,

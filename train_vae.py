@@ -1,21 +1,254 @@
-"""Train a 2D autoencoder (KL-VAE or VQ-AE) for latent diffusion.
+"""Train a 2D autoencoder (KL-VAE or VQ-AE) for latent diffusion, with optional perceptual and PatchGAN losses.
 
-    accelerate launch train_vae.py --config configs/<preset>.yaml [section.key=value ...]
+    accelerate launch train_vae.py --config configs/demo_vae.yaml [section.key=value ...]
 
-Not implemented yet: the script reads and checks its config, then stops.
+Rerunning the same command continues the run from its newest complete checkpoint (training.resume=auto). The
+export final/vae loads with AutoencoderKL.from_pretrained(final, subfolder="vae") (VQModel for vae.kind=vq), and
+final/ is what latent.autoencoder names for encode_latents.py.
 """
 from __future__ import annotations
 
-import sys
+import math
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data import build_datasets, random_flip
+from models.autoencoder import (TrainableAutoencoder, build_autoencoder, describe_autoencoder, export_autoencoder,
+                                score_reconstructions)
+from models.discriminator import PatchDiscriminator
+from models.losses import AutoencoderLoss
 from utils import config as config_lib
+from utils.checkpoint import load_checkpoint, prepare_run_dir, remove_incomplete, resolve_resume, save_checkpoint
+from utils.config import ConfigError
+from utils.distributed import check_launch
+from utils.ema import EMA
+from utils.logging import setup_logging
+from utils.tracking import MetricsLog, accelerate_trackers
+from utils.training import ResumableBatchSampler, build_lr_scheduler, build_optimizer, seed_step
+from utils.visualization import comparison_grid
+
+BEST_METRIC = "val/psnr"  # higher is better; checkpoints/best-val_psnr/ holds those weights
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def check_config(cfg) -> None:
+    """Settings this script cannot honour, rejected before anything is written."""
+    masks = [n for n in cfg.vae.inputs if n in cfg.data.masks]
+    if masks or not cfg.vae.inputs:
+        raise ConfigError(f"vae.inputs={cfg.vae.inputs}: name image modalities from data.images {cfg.data.images}; "
+                          "label masks are not supported as autoencoder input")
+    if cfg.vae.disc_weight > 0 and cfg.training.mixed_precision == "fp16":
+        # One loss scaler shared by two optimizers would unscale the discriminator's gradients twice.
+        raise ConfigError("training.mixed_precision=fp16 is not supported with vae.disc_weight > 0; use bf16")
+
+
+def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log, state, description, logger):
+    """Reconstruction PSNR/SSIM/loss on held-out slices (split across processes), a figure, the best weights."""
+    val, net = datasets["val"], accelerator.unwrap_model(model)
+    count = min(len(val), cfg.validation.max_batches * cfg.training.batch_size)
+    # Evenly spaced held-out items, the same ones at every validation; some of them go into the figure.
+    indices = sorted({round(i * (len(val) - 1) / max(count - 1, 1)) for i in range(count)})
+    shown = set(indices[::max(len(indices) // max(cfg.validation.num_samples, 1), 1)][:cfg.validation.num_samples])
+    with ema.swapped(model) if ema else nullcontext():
+        net.eval()
+        items = score_reconstructions(net, val, indices, cfg.vae.inputs, cfg.training.batch_size, accelerator,
+                                      loss_fn.reconstruction, shown)
+        net.train()
+        results = {f"val/{k}": float(np.mean([it[k] for it in items])) for k in ("psnr", "ssim", "rec_loss")}
+        metrics_log.log(results, step)
+        if accelerator.is_main_process:
+            # Reconstruction | input | |error|, the first channel of each (RGB tiles stay RGB).
+            figure = [{"generated": it["reconstruction"], "reference": it["input"]} for it in items if "input" in it]
+            png = comparison_grid([{k: v if v.shape[0] == 3 else v[0] for k, v in row.items()} for row in figure],
+                                  Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png", val.data_range,
+                                  titles=[it["item_id"] for it in items if "input" in it])
+            metrics_log.log_image("reconstructions", png, step)
+        # Keep the best weights by val/psnr (EMA weights are swapped in here).
+        best = state["best"].get(BEST_METRIC)
+        if math.isfinite(results[BEST_METRIC]) and (best is None or results[BEST_METRIC] > best):
+            state["best"][BEST_METRIC] = results[BEST_METRIC]
+            if accelerator.is_main_process:
+                folder = Path(cfg.run.output_dir) / "checkpoints" / f"best-{BEST_METRIC.replace('/', '_')}"
+                export_autoencoder(folder, net.vae, description,
+                                   {"metric": BEST_METRIC, "value": results[BEST_METRIC], "step": step})
+                logger.info("new best %s = %.3f at step %d", BEST_METRIC, results[BEST_METRIC], step)
 
 
 def main(argv=None):
-    config_lib.parse_args(argv, __doc__)
-    print("train_vae.py is not implemented yet", file=sys.stderr)
-    sys.exit(3)
+    # Configuration and launch checks.
+    _, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo_vae.yaml")
+    check_config(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    trackers = accelerate_trackers(cfg.logging)
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, log_with=trackers or None,
+                              project_dir=str(run_dir / "logs"))
+    check_launch(accelerator)
+    logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
+    checkpoints = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        remove_incomplete(checkpoints)
+    accelerator.wait_for_everyone()
+    resume_from = resolve_resume(cfg.training.resume, checkpoints)
+    prepare_run_dir(run_dir, resume_from, cfg, accelerator.is_main_process)
+
+    # Data, losses, autoencoder and discriminator. Everything that can reject the input runs before any training.
+    datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=accelerator.is_main_process)
+    images = getattr(datasets["train"], "image_names", cfg.data.images)
+    if set(cfg.vae.inputs) - set(images):
+        raise ConfigError(f"vae.inputs {cfg.vae.inputs} must name image modalities of the dataset {images} "
+                          "(label masks are not supported as autoencoder input)")
+    channels = {n: int(datasets["train"][0][n].shape[0]) for n in cfg.vae.inputs}
+    loss_fn = AutoencoderLoss(cfg.vae, accelerator.device)
+    set_seed(cfg.run.seed)  # the initial weights
+    vae = build_autoencoder(cfg.vae, sum(channels.values()), cfg.data.image_size)
+    model = TrainableAutoencoder(vae)
+    optimizer = build_optimizer(model.parameters(), cfg.training)
+    # LR schedulers are stepped by hand once per optimizer step (see train_diffusion.py).
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.training)
+    # Autoencoders are small: DDP, not FSDP (the adaptive weight needs the whole decoder's last layer).
+    adversarial, extra = cfg.vae.disc_weight > 0, {}
+    if adversarial:
+        disc = PatchDiscriminator(sum(channels.values()), cfg.vae.disc_channels, cfg.vae.disc_layers,
+                                  norm_num_groups=cfg.vae.norm_num_groups)
+        disc_optimizer = build_optimizer(disc.parameters(), cfg.training)
+        disc_scheduler = build_lr_scheduler(disc_optimizer, cfg.training)
+        model, optimizer, disc, disc_optimizer = accelerator.prepare(model, optimizer, disc, disc_optimizer)
+        extra["discriminator"] = (disc, disc_optimizer, disc_scheduler)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMA(model, cfg.training.ema_decay, cfg.training.ema_warmup) if cfg.training.ema_decay > 0 else None
+    description = describe_autoencoder(vae, channels, datasets["train"], cfg.data.image_size)
+    logger.info("%d train / %d val slices; %s %.2fM parameters, latents %s", len(datasets["train"]),
+                len(datasets["val"]), type(vae).__name__, sum(p.numel() for p in vae.parameters()) / 1e6,
+                description["latent_shape"])
+
+    state = {"step": 0, "nonfinite_steps": 0, "best": {}, "running": {}}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, lr_scheduler, ema, extra)
+        logger.info("resumed from %s (step %d)", resume_from, state["step"])
+    metrics_log = MetricsLog(accelerator, run_dir, cfg.logging, config_lib.OmegaConf.to_container(
+        config_lib.OmegaConf.structured(cfg)), state["step"] if resume_from else None)
+
+    # Batches: micro-batch k is a pure function of k, so a resumed run continues the same sequence.
+    accum, step = cfg.training.grad_accum_steps, state["step"]
+    sampler = ResumableBatchSampler(len(datasets["train"]), cfg.training.batch_size, accelerator.process_index,
+                                    accelerator.num_processes, cfg.run.seed, start=step * accum)
+    batches = iter(DataLoader(datasets["train"], batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                              pin_memory=accelerator.device.type == "cuda"))
+    # Running sums and counts per metric: d_loss and g_loss only count the steps after vae.disc_start.
+    running = {k: (torch.tensor(s, device=accelerator.device), n) for k, (s, n) in state["running"].items()}
+    last_layer = accelerator.unwrap_model(model).last_layer
+    bare_disc = accelerator.unwrap_model(disc) if adversarial else None
+    consecutive_nonfinite = 0
+    max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
+    progress = tqdm(total=cfg.training.max_steps, initial=step, disable=not accelerator.is_main_process,
+                    desc="train", dynamic_ncols=True)
+    validation = (cfg, model, ema, loss_fn, datasets, accelerator, metrics_log, state, description, logger)
+    if step == 0 and cfg.validation.at_start:
+        validate(0, *validation)
+    start_step = step
+    while step < cfg.training.max_steps:
+        seed_step(cfg.run.seed, step, accelerator.process_index)
+        gan = adversarial and step >= cfg.vae.disc_start
+        # Accumulate gradients of both networks; only the last micro-batch synchronises them across processes.
+        step_values = {}
+        for micro in range(accum):
+            batch = next(batches)
+            logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
+            batch = random_flip({k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                                 for k, v in batch.items()}, cfg.data.flip_prob)
+            x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, H, W)
+            with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
+                loss, reconstruction, values = loss_fn(model, x, bare_disc if gan else None, last_layer)
+            accelerator.backward(loss.mean() / accum)
+            if gan:  # the discriminator sees the reconstruction from before this step's update, as in taming
+                with accelerator.no_sync(disc) if micro < accum - 1 else nullcontext(), accelerator.autocast():
+                    d_loss = loss_fn.discriminator_loss(disc, x, reconstruction)
+                accelerator.backward(d_loss.mean() / accum)
+                values["d_loss"] = d_loss.detach().mean().float()
+            for name, value in values.items():
+                step_values[name] = step_values.get(name, 0.0) + value / accum
+
+        # Clip and step both networks, unless the autoencoder's gradient is not finite.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step
+        if finite:
+            optimizer.step()
+            if gan:
+                accelerator.clip_grad_norm_(disc.parameters(), max_norm)
+                disc_optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if adversarial:
+            disc_optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # the schedule follows the global step, before disc_start too
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                disc_scheduler.step()
+        step += 1
+        progress.update(1)
+        if finite:
+            consecutive_nonfinite = 0
+            for name, value in {**step_values, "grad_norm": grad_norm.detach().float()}.items():
+                total, n = running.get(name, (0.0, 0))
+                running[name] = (total + value, n + 1)
+            if ema is not None:
+                ema.update(model, step)
+        else:
+            state["nonfinite_steps"] += 1
+            consecutive_nonfinite += 1
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                           step, consecutive_nonfinite)
+            if consecutive_nonfinite >= cfg.training.max_consecutive_nonfinite:
+                raise TrainingDiverged(
+                    f"training stopped at step {step}: {consecutive_nonfinite} consecutive steps had a non-finite "
+                    f"loss or gradient; the last good checkpoint is kept in {checkpoints} (lower training.lr)")
+
+        # Log averages over the steps since the last log (the only host syncs for logging).
+        if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
+            values = {f"train/{k}": float(total) / n for k, (total, n) in running.items()}
+            values.update({"train/lr": lr_scheduler.get_last_lr()[0],
+                           "train/nonfinite_steps": state["nonfinite_steps"]})
+            metrics_log.log(values, step)
+            progress.set_postfix(rec=f"{values.get('train/rec_loss', float('nan')):.4f}")
+            running = {}
+
+        if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
+            validate(step, *validation)
+
+        stopping = cfg.training.stop_after > 0 and step - start_step >= cfg.training.stop_after
+        if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or stopping:
+            state["step"] = step
+            state["running"] = {k: [float(total), n] for k, (total, n) in running.items()}
+            save_checkpoint(accelerator, checkpoints, step, model, optimizer, lr_scheduler, ema, state,
+                            cfg.training.keep_last, extra)
+        if stopping:
+            break
+    progress.close()
+    logger.debug("weights checksum %.10e", sum(float(p.detach().double().sum()) for p in model.parameters()))
+    if step < cfg.training.max_steps:
+        logger.info("stopped at step %d (training.stop_after); rerun the same command to continue", step)
+        metrics_log.close()
+        return
+
+    # Export the EMA weights in diffusers format.
+    with ema.swapped(model) if ema else nullcontext():
+        if accelerator.is_main_process:
+            export_autoencoder(run_dir / "final", accelerator.unwrap_model(model).vae, description)
+    accelerator.wait_for_everyone()
+    metrics_log.close()
+    logger.info("done: %s", run_dir / "final")
 
 
 if __name__ == "__main__":
-    config_lib.run_main(main)
+    config_lib.run_main(main, TrainingDiverged)

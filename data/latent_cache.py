@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from diffusion.task import Field
@@ -58,17 +58,38 @@ def check_encoder(manifest: dict, identity: str, autoencoder: str, cache_dir: Pa
                           "latent.autoencoder at the encoder of the cache")
 
 
-def open_shard(path: Path, expected_items: int):
-    """A memory-mapped shard; a missing, truncated or corrupt file is reported by name."""
+# safetensors dtype names -> numpy, for the dtypes encode_latents.py writes.
+NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+                "U8": np.uint8, "BOOL": np.bool_}
+
+
+def open_shard(path: Path, expected_items: int) -> dict[str, np.memmap]:
+    """The tensors of a shard as read-only memory maps; a missing, truncated or corrupt file is named.
+
+    A safetensors file is an 8-byte header length, a JSON header with each tensor's dtype, shape and byte
+    range, then the raw data, so each tensor maps straight from the file: reading an item touches only its rows.
+    """
     try:
-        handle = safe_open(str(path), framework="pt")
-        rows = handle.get_slice("latent").get_shape()[0]
-    except Exception as error:  # safetensors raises SafetensorError / OSError for damaged files
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_length))
+        header.pop("__metadata__", None)
+        data_start = 8 + header_length
+        tensors = {}
+        for name, spec in header.items():
+            begin, end = spec["data_offsets"]
+            if data_start + end > size:
+                raise ValueError(f"tensor '{name}' ends at byte {data_start + end} but the file has {size}")
+            tensors[name] = np.memmap(path, dtype=NUMPY_DTYPES[spec["dtype"]], mode="r",
+                                      offset=data_start + begin, shape=tuple(spec["shape"]))
+        rows = tensors["latent"].shape[0]
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"latent cache shard {path} cannot be read ({str(error).splitlines()[0]}); "
                           "delete it and rerun encode_latents.py to re-encode it") from None
     if rows != expected_items:
         raise ConfigError(f"latent cache shard {path} holds {rows} items, the manifest says {expected_items}")
-    return handle
+    return tensors
 
 
 class LatentCacheDataset(Dataset):
@@ -94,21 +115,27 @@ class LatentCacheDataset(Dataset):
         self._rows = [(k, row) for k, s in enumerate(self.shards) for row in range(len(s["items"]))]
         for s in self.shards:  # fail now, naming the file, rather than mid-training
             open_shard(self.cache_dir / s["file"], len(s["items"]))
-        self._handles: dict[int, object] = {}
+        self._maps: dict[int, dict[str, np.memmap]] = {}
+        vectors = [n for n, f in self.fields.items() if f.kind == "vector"]
+        if vectors:  # the dominant class of each item, for class-balanced sampling (-1 when unlabelled)
+            dist = torch.cat([torch.from_numpy(np.array(open_shard(self.cache_dir / s["file"],
+                                                                   len(s["items"]))[vectors[0]]))
+                              for s in self.shards]) if self.shards else torch.zeros(0, 1)
+            self.num_classes = self.fields[vectors[0]].channels
+            self.dominant_class = torch.where(dist.sum(dim=1) > 0, dist.argmax(dim=1), -1)
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _handle(self, k: int):
-        # Opened lazily, so each DataLoader worker maps the files itself.
-        if k not in self._handles:
-            self._handles[k] = open_shard(self.cache_dir / self.shards[k]["file"], len(self.shards[k]["items"]))
-        return self._handles[k]
+    def _shard(self, k: int) -> dict[str, np.memmap]:
+        # Mapped lazily, so each DataLoader worker maps the files itself.
+        if k not in self._maps:
+            self._maps[k] = open_shard(self.cache_dir / self.shards[k]["file"], len(self.shards[k]["items"]))
+        return self._maps[k]
 
     def __getitem__(self, index: int) -> dict:
         k, row = self._rows[index]
-        handle = self._handle(k)
-        item = {name: handle.get_slice(name)[row:row + 1][0] for name in handle.keys()}
+        item = {name: torch.from_numpy(np.array(tensor[row])) for name, tensor in self._shard(k).items()}
         item["latent"] = (item["latent"].float() - self.shift) * self.scale
         for name, field in self.fields.items():
             if field.kind == "mask":

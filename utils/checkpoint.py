@@ -1,9 +1,10 @@
 """Checkpoints: full training state as safetensors + weights-only tensors + JSON, written atomically.
 
 `checkpoints/checkpoint-<step>/` holds model.safetensors, ema.safetensors, optimizer.pt (tensors only, loaded
-with weights_only=True), lr_scheduler.json and state.json. Every file is written into a hidden temporary folder
-that is renamed into place last, so a folder named `checkpoint-<step>` is always complete and a process killed
-while saving leaves the previous checkpoint as the newest one.
+with weights_only=True), lr_scheduler.json and state.json; each further trained network (e.g. a GAN
+discriminator) adds <name>.safetensors, <name>_optimizer.pt and <name>_lr_scheduler.json. Every file is written
+into a hidden temporary folder that is renamed into place last, so a folder named `checkpoint-<step>` is always
+complete and a process killed while saving leaves the previous checkpoint as the newest one.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from utils.config import ConfigError
+from utils.config import ConfigError, to_yaml
 from utils.logging import get_logger
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -51,6 +52,21 @@ def resolve_resume(resume: str, root: Path) -> Optional[Path]:
     return path
 
 
+def prepare_run_dir(run_dir: Path, resume_from: Optional[Path], cfg, is_main: bool) -> None:
+    """Refuse to start a fresh run on top of an existing one; keep the previous config when it changes."""
+    existing = [n for n in ("metrics.csv", "checkpoints", "final") if (run_dir / n).exists()]
+    if resume_from is None and existing:
+        raise ConfigError(f"run.output_dir={run_dir} already holds a run ({', '.join(existing)}) and there is no "
+                          "checkpoint to resume; choose another run.output_dir or training.resume=auto")
+    if not is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    new_text, saved = to_yaml(cfg), run_dir / "config.yaml"
+    if saved.exists() and saved.read_text() != new_text:
+        saved.rename(run_dir / f"config-before-step-{resume_from.name.split('-')[-1]}.yaml")
+    saved.write_text(new_text)
+
+
 def remove_incomplete(root: Path) -> None:
     """Delete temporary folders left by a process killed while saving."""
     if root.is_dir():
@@ -77,22 +93,36 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _files_of(name: str) -> tuple[str, str, str]:
+    """Weights, optimizer and LR-schedule file names of a trained network ("" = the main model)."""
+    if not name:
+        return "model.safetensors", "optimizer.pt", "lr_scheduler.json"
+    return f"{name}.safetensors", f"{name}_optimizer.pt", f"{name}_lr_scheduler.json"
+
+
 def save_checkpoint(accelerator, root: Path, step: int, model, optimizer, lr_scheduler, ema, state: dict,
-                    keep_last: int) -> Optional[Path]:
-    """Save everything needed for an exact resume; every rank must call this (state dicts may be gathered)."""
-    model_state = get_model_state_dict(model, options=_full_state_options())
-    optim_state = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+                    keep_last: int, extra: Optional[dict[str, tuple]] = None) -> Optional[Path]:
+    """Save everything needed for an exact resume; every rank must call this (state dicts may be gathered).
+
+    Args:
+        extra: further networks trained beside `model`, name -> (model, optimizer, lr_scheduler).
+    """
+    parts = {name: (get_model_state_dict(net, options=_full_state_options()),
+                    get_optimizer_state_dict(net, opt, options=_full_state_options()), sched.state_dict())
+             for name, (net, opt, sched) in {"": (model, optimizer, lr_scheduler), **(extra or {})}.items()}
     ema_state = ema.full_state_dict(model) if ema is not None else None
     final = root / f"checkpoint-{step}"
     if accelerator.is_main_process:
         tmp = root / f"{TEMP_PREFIX}checkpoint-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+        for name, (net_state, optim_state, sched_state) in parts.items():
+            weights_file, optim_file, sched_file = _files_of(name)
+            save_file({k: v.contiguous() for k, v in net_state.items()}, tmp / weights_file)
+            torch.save(optim_state, tmp / optim_file)
+            (tmp / sched_file).write_text(json.dumps(sched_state))
         if ema_state is not None:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, tmp / "ema.safetensors")
-        torch.save(optim_state, tmp / "optimizer.pt")
-        (tmp / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict()))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         if final.exists():  # the same step saved again (e.g. the final step after a resume)
             shutil.rmtree(final)
@@ -103,13 +133,20 @@ def save_checkpoint(accelerator, root: Path, step: int, model, optimizer, lr_sch
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema) -> dict:
-    """Restore the state saved by `save_checkpoint` into prepared objects; returns state.json's dict."""
+def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema,
+                    extra: Optional[dict[str, tuple]] = None) -> dict:
+    """Restore the state saved by `save_checkpoint` into prepared objects; returns state.json's dict.
+
+    Args:
+        extra: the same name -> (model, optimizer, lr_scheduler) as given to `save_checkpoint`.
+    """
     try:
-        set_model_state_dict(model, load_file(path / "model.safetensors"), options=_load_options())
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=_load_options())
-        lr_scheduler.load_state_dict(json.loads((path / "lr_scheduler.json").read_text()))
+        for name, (net, opt, sched) in {"": (model, optimizer, lr_scheduler), **(extra or {})}.items():
+            weights_file, optim_file, sched_file = _files_of(name)
+            set_model_state_dict(net, load_file(path / weights_file), options=_load_options())
+            optim_state = torch.load(path / optim_file, map_location="cpu", weights_only=True)
+            set_optimizer_state_dict(net, opt, optim_state, options=_load_options())
+            sched.load_state_dict(json.loads((path / sched_file).read_text()))
         if ema is not None:
             ema.load_full_state_dict(model, load_file(path / "ema.safetensors"))
         return json.loads((path / "state.json").read_text())

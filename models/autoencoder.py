@@ -1,0 +1,344 @@
+"""2D autoencoders for latent diffusion: the diffusers AutoencoderKL / VQModel builder, the training wrapper, and
+the frozen encode/decode interface that the latent cache and evaluation use.
+
+Latents here are always raw: the KL posterior mean, or the VQ pre-quantisation latent. The scale and shift that
+bring them to unit variance for diffusion are computed over a dataset and stored in the latent cache manifest
+(`normalise` / `denormalise` below apply them), never inside the autoencoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+import yaml
+from diffusers import AutoencoderKL, VQModel
+from torch import Tensor, nn
+
+from models.losses import kl_divergence, vq_loss
+from utils import metrics
+from utils.checkpoint import TEMP_PREFIX
+from utils.config import ConfigError, VAEConfig
+from utils.distributed import gather_objects
+from utils.evaluation import sharded_batches
+from utils.export import _replace_dir
+
+AUTOENCODER_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
+METADATA_FILE = "autoencoder.yaml"  # written beside vae/ in an exported final/ folder
+
+
+def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_size: int = 0) -> Union[AutoencoderKL, VQModel]:
+    """An AutoencoderKL (vae.kind=kl) or VQModel (vq) with one DownEncoderBlock2D / UpDecoderBlock2D per width.
+
+    Args:
+        in_channels: channels of the concatenated `vae.inputs`; the decoder outputs as many.
+        sample_size: the training image size (recorded in the model config; 0 = not checked).
+    """
+    if cfg.kind not in AUTOENCODER_CLASSES:
+        raise ConfigError(f"vae.kind='{cfg.kind}' is not one of {list(AUTOENCODER_CLASSES)}")
+    levels = len(cfg.block_out_channels)
+    if levels == 0:
+        raise ConfigError("vae.block_out_channels is empty: give one width per resolution level")
+    bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+    if bad:
+        raise ConfigError(f"vae.block_out_channels {bad} are not multiples of "
+                          f"vae.norm_num_groups={cfg.norm_num_groups}")
+    if cfg.latent_channels < 1:
+        raise ConfigError(f"vae.latent_channels must be at least 1, got {cfg.latent_channels}")
+    if cfg.kind == "vq" and cfg.num_vq_embeddings < 2:
+        raise ConfigError(f"vae.num_vq_embeddings must be at least 2, got {cfg.num_vq_embeddings}")
+    factor = 2 ** (levels - 1)
+    if sample_size and sample_size % factor:
+        raise ConfigError(f"data.image_size={sample_size} must be divisible by {factor}, the downsampling of "
+                          f"{levels} vae.block_out_channels levels")
+    common = dict(in_channels=in_channels, out_channels=in_channels,
+                  down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                  block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                  latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+                  sample_size=sample_size or 32,
+                  # 1.0: the latent scale lives in the latent cache manifest, not in the model.
+                  scaling_factor=1.0)
+    if cfg.kind == "vq":
+        return VQModel(num_vq_embeddings=cfg.num_vq_embeddings, **common)
+    return AutoencoderKL(**common)
+
+
+def downsample_factor_of(vae: Union[AutoencoderKL, VQModel]) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class TrainableAutoencoder(nn.Module):
+    """model(x) -> (reconstruction, regulariser (B,)): the KL divergence (kl) or codebook + commitment loss (vq).
+
+    One forward for the whole autoencoder, so DDP sees every parameter used in one call; holds no weights of its
+    own, so `wrapper.vae` is exactly what `final/vae` exports.
+    """
+
+    def __init__(self, vae: Union[AutoencoderKL, VQModel]):
+        super().__init__()
+        self.vae = vae
+        self.is_vq = isinstance(vae, VQModel)
+
+    @property
+    def last_layer(self) -> Tensor:
+        """Weight of the decoder's output convolution, where the adaptive GAN weight is measured."""
+        return self.vae.decoder.conv_out.weight
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.is_vq:
+            latents = self.vae.encode(x).latents  # (B, C, h, w) before quantisation
+            quantised, _, (_, _, indices) = self.vae.quantize(latents)  # straight-through estimator
+            b, c, h, w = latents.shape
+            codes = self.vae.quantize.embedding(indices.view(-1)).view(b, h, w, c).permute(0, 3, 1, 2)
+            reconstruction = self.vae.decode(quantised, force_not_quantize=True).sample
+            return reconstruction, vq_loss(latents, codes, self.vae.quantize.beta, self.vae.quantize.legacy)
+        posterior = self.vae.encode(x).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample  # torch's RNG, reseeded every step
+        return reconstruction, kl_divergence(posterior)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction (posterior mean, or quantised latent), for validation."""
+        if self.is_vq:
+            return self.vae.decode(self.vae.encode(x).latents).sample
+        return self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
+
+
+def export_autoencoder(folder: Path, vae: Union[AutoencoderKL, VQModel], description: dict,
+                       metric: Optional[dict] = None) -> Path:
+    """Write vae/ (diffusers save_pretrained) and autoencoder.yaml (and metric.json for a best-<metric> folder),
+    atomically: `AutoencoderKL.from_pretrained(folder, subfolder="vae")` (or VQModel) loads it.
+
+    Args:
+        vae: the bare diffusers model (unwrapped, EMA weights already swapped in).
+        description: inputs, normalisation, downsampling: what a user needs to feed the model.
+    """
+    tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    (tmp / METADATA_FILE).write_text(yaml.safe_dump(description, sort_keys=False))
+    if metric is not None:
+        (tmp / "metric.json").write_text(json.dumps(metric, indent=2))
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def describe_autoencoder(vae: Union[AutoencoderKL, VQModel], inputs: dict[str, int], dataset,
+                         image_size: int) -> dict:
+    """autoencoder.yaml: what a user (and encode_latents.py) needs to feed the model.
+
+    Args:
+        inputs: input name -> channels, in the order they are concatenated.
+        dataset: the training dataset (its `normalization` record and `data_range`).
+    """
+    factor, channels = downsample_factor_of(vae), vae.config.latent_channels
+    return {"kind": "vq" if isinstance(vae, VQModel) else "kl", "class": type(vae).__name__,
+            "inputs": [{"name": n, "kind": "image", "channels": c} for n, c in inputs.items()],
+            "input_layout": "the inputs' channels concatenated on dim 1, in this order",
+            "normalization": dataset.normalization, "data_range": dataset.data_range, "image_size": image_size,
+            "downsample_factor": factor, "latent_channels": channels,
+            "latent_shape": [channels, image_size // factor, image_size // factor],
+            "latents": "raw (KL posterior mean / VQ pre-quantisation latent); the scale and shift for diffusion "
+                       "live in the latent cache manifest"}
+
+
+@torch.no_grad()
+def score_reconstructions(net: TrainableAutoencoder, dataset, indices: list[int], inputs: list[str], batch_size: int,
+                          accelerator, rec_loss: Callable[[Tensor, Tensor], Tensor], keep=frozenset()) -> list[dict]:
+    """Deterministic reconstructions of the items in `indices`, split across processes and gathered.
+
+    Returns, on every process and in index order, one dict per item: index, item_id, psnr, ssim, rec_loss and,
+    for indices in `keep`, the input and its reconstruction as arrays (C, H, W) for figures.
+    """
+    rows = []
+    for idx, real, batch in sharded_batches(dataset, indices, batch_size, accelerator.process_index,
+                                            accelerator.num_processes, accelerator.device):
+        x = torch.cat([batch[n].float() for n in inputs], dim=1)  # (B, C, H, W)
+        with accelerator.autocast():
+            reconstruction = net.reconstruct(x).float()
+        scores = zip(metrics.psnr(reconstruction, x, dataset.data_range).tolist(),
+                     metrics.ssim(reconstruction, x, dataset.data_range).tolist(), rec_loss(x, reconstruction).tolist())
+        for j, (psnr, ssim, loss) in zip(range(real), scores):
+            rows.append({"index": idx[j], "item_id": batch["item_id"][j], "psnr": psnr, "ssim": ssim, "rec_loss": loss})
+            if idx[j] in keep:
+                rows[-1].update(input=x[j].cpu().numpy(), reconstruction=reconstruction[j].cpu().numpy())
+    return sorted((r for part in gather_objects(rows) for r in part), key=lambda r: r["index"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latent normalisation (the parameters come from the latent cache manifest).
+
+def normalise(z: Tensor, scale: float, shift: float) -> Tensor:
+    """Raw latent -> diffusion space: (z - shift) * scale."""
+    return (z - shift) * scale
+
+
+def denormalise(z: Tensor, scale: float, shift: float) -> Tensor:
+    """Diffusion space -> raw latent: z / scale + shift."""
+    return z / scale + shift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiling.
+
+def _ramp(length: int, overlap: int, device) -> Tensor:
+    """Blending weights along one tile axis: linear over `overlap` at each end, 1 inside, never 0."""
+    position = torch.arange(length, device=device, dtype=torch.float32)
+    edge = torch.minimum(position + 1, length - position)
+    return (edge / (overlap + 1)).clamp(max=1.0)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]  # the last tile ends at the border
+
+
+def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile_size: int, overlap: int, up: int = 1,
+                down: int = 1) -> Tensor:
+    """fn applied to overlapping tiles of x (B, C, H, W), blended linearly where the tiles overlap.
+
+    fn maps a (B, C, h, w) tile to (B, C', h * up / down, w * up / down); tile positions and sizes must be
+    multiples of `down` (the caller checks). Each output pixel is the weighted mean of the tiles covering it,
+    weights ramping linearly across the overlap, so there are no seams.
+
+    Args:
+        tile_size, overlap: in pixels of x.
+    """
+    _, _, height, width = x.shape
+    stride = tile_size - overlap
+    out, weight = None, None
+    for top in _starts(height, tile_size, stride):
+        for left in _starts(width, tile_size, stride):
+            h, w = min(tile_size, height), min(tile_size, width)
+            result = fn(x[:, :, top:top + h, left:left + w]).float()
+            if out is None:
+                out = x.new_zeros((x.shape[0], result.shape[1], height * up // down, width * up // down),
+                                  dtype=torch.float32)
+                weight = torch.zeros(out.shape[2:], device=out.device)
+            blend = overlap * up // down
+            mask = _ramp(result.shape[2], blend, out.device)[:, None] * _ramp(result.shape[3], blend, out.device)
+            rows = slice(top * up // down, top * up // down + result.shape[2])
+            cols = slice(left * up // down, left * up // down + result.shape[3])
+            out[:, :, rows, cols] += result * mask
+            weight[rows, cols] += mask
+    return out / weight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frozen autoencoder.
+
+def _find_model_folder(folder: Path) -> Path:
+    """The folder holding config.json: `folder` itself, or its vae/ (our final/ export, a diffusers pipeline)."""
+    for candidate in (folder, folder / "vae"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"autoencoder folder {folder} holds neither config.json nor vae/config.json "
+                      "(expected an exported final/, a diffusers AutoencoderKL/VQModel folder or a pipeline)")
+
+
+def model_identity(vae: nn.Module) -> str:
+    """sha256 over the class, the config (without bookkeeping keys such as the path) and the weights in
+    state-dict order: equal for the same model loaded twice, from any copy of its folder."""
+    digest = hashlib.sha256(type(vae).__name__.encode())
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in vae.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FrozenAutoencoder:
+    """A trained autoencoder in eval mode: encode images to raw latents and decode them back, without gradients.
+
+    Attributes:
+        model: the diffusers AutoencoderKL or VQModel.
+        kind: "kl" or "vq".
+        in_channels, latent_channels, downsample_factor: shapes: (B, in, H, W) <-> (B, latent, H/f, W/f).
+        identity: sha256 of the class, config and weights (see `model_identity`); the latent cache records it.
+        metadata: the export's autoencoder.yaml (inputs, normalisation), or {} for a plain diffusers folder.
+    """
+
+    def __init__(self, model: Union[AutoencoderKL, VQModel], device: Union[str, torch.device] = "cpu",
+                 tile_size: int = 0, tile_overlap: int = 16, metadata: Optional[dict] = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.kind = "vq" if isinstance(model, VQModel) else "kl"
+        self.in_channels = model.config.in_channels
+        self.latent_channels = model.config.latent_channels
+        self.downsample_factor = downsample_factor_of(model)
+        self.metadata = metadata or {}
+        f = self.downsample_factor
+        if tile_size and (tile_size % f or tile_overlap % f or not 0 <= tile_overlap < tile_size):
+            raise ConfigError(f"latent.tile_size={tile_size} and latent.tile_overlap={tile_overlap} must be "
+                              f"multiples of the downsampling factor {f}, with 0 <= overlap < tile_size")
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.identity = model_identity(self.model)
+
+    @classmethod
+    def load(cls, folder: Union[str, Path], device: Union[str, torch.device] = "cpu", tile_size: int = 0,
+             tile_overlap: int = 16) -> "FrozenAutoencoder":
+        """Load an exported final/ (vae/ + autoencoder.yaml), a bare AutoencoderKL/VQModel folder or a diffusers
+        pipeline folder with vae/, from the local disk only."""
+        folder = Path(folder)
+        model_folder = _find_model_folder(folder)
+        try:
+            class_name = json.loads((model_folder / "config.json").read_text()).get("_class_name")
+            model_class = {c.__name__: c for c in AUTOENCODER_CLASSES.values()}.get(class_name)
+            if model_class is None:
+                raise ConfigError(f"{model_folder / 'config.json'} describes a {class_name}, not an AutoencoderKL "
+                                  "or VQModel")
+            model = model_class.from_pretrained(model_folder, local_files_only=True)
+        except ConfigError:
+            raise
+        except Exception as error:  # diffusers raises OSError, ValueError, EnvironmentError...
+            raise ConfigError(f"cannot load the autoencoder in {folder}: {str(error).splitlines()[0]}") from None
+        # autoencoder.yaml sits beside vae/ in an export, also when the vae/ folder itself is named.
+        beside = [model_folder.parent / METADATA_FILE] if model_folder.name == "vae" else []
+        found = [f for f in [model_folder / METADATA_FILE, *beside] if f.is_file()]
+        metadata = yaml.safe_load(found[0].read_text()) if found else {}
+        return cls(model, device, tile_size, tile_overlap, metadata)
+
+    def _check(self, x: Tensor, what: str, channels: int) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} expects (B, {channels}, H, W), got shape {tuple(x.shape)}")
+        return x.to(self.device, self.model.dtype)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        if self.kind == "vq":
+            return self.model.encode(x).latents
+        return self.model.encode(x).latent_dist.mean
+
+    def _decode(self, z: Tensor) -> Tensor:
+        if self.kind == "vq":  # latents arrive quantised (see decode), so tiles are not quantised again
+            return self.model.decode(z, force_not_quantize=True).sample
+        return self.model.decode(z).sample
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Images (B, in_channels, H, W), H and W multiples of downsample_factor -> raw latents (B, C, H/f, W/f)."""
+        x = self._check(x, "encode", self.in_channels)
+        f = self.downsample_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of the downsampling factor {f}")
+        if self.tile_size and max(x.shape[2:]) > self.tile_size:
+            return tiled_apply(self._encode, x, self.tile_size, self.tile_overlap, up=1, down=f)
+        return self._encode(x).float()
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Raw latents (B, latent_channels, h, w) -> images (B, in_channels, h*f, w*f); VQ latents are quantised."""
+        z = self._check(z, "decode", self.latent_channels)
+        if self.kind == "vq":
+            z, _, _ = self.model.quantize(z)
+        f = self.downsample_factor
+        if self.tile_size and max(z.shape[2:]) * f > self.tile_size:
+            return tiled_apply(self._decode, z, self.tile_size // f, self.tile_overlap // f, up=f, down=1)
+        return self._decode(z).float()
