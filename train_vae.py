@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -26,12 +25,11 @@ from models.autoencoder import (TrainableAutoencoder, build_autoencoder, describ
 from models.discriminator import PatchDiscriminator
 from models.losses import AutoencoderLoss
 from utils import config as config_lib
-from utils.checkpoint import load_checkpoint, prepare_run_dir, remove_incomplete, resolve_resume, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import ConfigError
-from utils.distributed import check_launch
 from utils.ema import EMA
-from utils.logging import setup_logging
-from utils.tracking import MetricsLog, accelerate_trackers
+from utils.run import start_training_run, stopped_before_the_end
+from utils.tracking import MetricsLog
 from utils.training import ResumableBatchSampler, build_lr_scheduler, build_optimizer, seed_step
 from utils.visualization import comparison_grid
 
@@ -89,18 +87,7 @@ def main(argv=None):
     # Configuration and launch checks.
     _, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo_vae.yaml")
     check_config(cfg)
-    run_dir = Path(cfg.run.output_dir)
-    trackers = accelerate_trackers(cfg.logging)
-    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, log_with=trackers or None,
-                              project_dir=str(run_dir / "logs"))
-    check_launch(accelerator)
-    logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
-    checkpoints = run_dir / "checkpoints"
-    if accelerator.is_main_process:
-        remove_incomplete(checkpoints)
-    accelerator.wait_for_everyone()
-    resume_from = resolve_resume(cfg.training.resume, checkpoints)
-    prepare_run_dir(run_dir, resume_from, cfg, accelerator.is_main_process)
+    accelerator, logger, run_dir, checkpoints, resume_from = start_training_run(cfg)
 
     # Data, losses, autoencoder and discriminator. Everything that can reject the input runs before any training.
     datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=accelerator.is_main_process)
@@ -235,10 +222,7 @@ def main(argv=None):
         if stopping:
             break
     progress.close()
-    logger.debug("weights checksum %.10e", sum(float(p.detach().double().sum()) for p in model.parameters()))
-    if step < cfg.training.max_steps:
-        logger.info("stopped at step %d (training.stop_after); rerun the same command to continue", step)
-        metrics_log.close()
+    if stopped_before_the_end(step, cfg, model, logger, metrics_log):
         return
 
     # Export the EMA weights in diffusers format.

@@ -24,7 +24,7 @@ from utils.checkpoint import TEMP_PREFIX
 from utils.config import ConfigError, VAEConfig
 from utils.distributed import gather_objects
 from utils.evaluation import sharded_batches
-from utils.export import _replace_dir
+from utils.export import replace_dir
 
 AUTOENCODER_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
 METADATA_FILE = "autoencoder.yaml"  # written beside vae/ in an exported final/ folder
@@ -123,7 +123,7 @@ def export_autoencoder(folder: Path, vae: Union[AutoencoderKL, VQModel], descrip
     (tmp / METADATA_FILE).write_text(yaml.safe_dump(description, sort_keys=False))
     if metric is not None:
         (tmp / "metric.json").write_text(json.dumps(metric, indent=2))
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
 
 

@@ -13,7 +13,7 @@ from models.unet2d import save_denoiser
 from utils.checkpoint import TEMP_PREFIX
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f"{TEMP_PREFIX}old-{final.name}")
         os.replace(final, old)
@@ -45,7 +45,7 @@ def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_cla
         (tmp / "model_index.json").write_text(json.dumps({
             "_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
             "unet": ["diffusers", type(denoiser.unet).__name__], "scheduler": ["diffusers", scheduler_class]}, indent=2))
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
 
 
@@ -56,5 +56,5 @@ def export_weights(folder: Path, denoiser, info: dict) -> Path:
     tmp.mkdir(parents=True)
     save_denoiser(denoiser, tmp)
     (tmp / "metric.json").write_text(json.dumps(info, indent=2))
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
