@@ -65,10 +65,13 @@ def main():
 
         # Loading: one pass over the training items from the cache vs decoding them from the source files.
         cache = LatentCacheDataset(tmp / "cache", "train")
+        loader = DataLoader(cache, batch_size=cfg.training.batch_size, shuffle=True)
+        epochs = max(1, 8192 // len(cache))  # enough batches that the loader's start-up does not dominate
         start = time.perf_counter()
-        for _ in DataLoader(cache, batch_size=cfg.training.batch_size):
-            pass
-        from_cache = len(cache) / (time.perf_counter() - start)
+        for _ in range(epochs):
+            for _ in loader:
+                pass
+        from_cache = epochs * len(cache) / (time.perf_counter() - start)
         start = time.perf_counter()
         decoded = (load_tile_dataset if source.kind == "tiles" else load_slice_dataset)(source)
         from_source = len(decoded) / (time.perf_counter() - start)

@@ -134,19 +134,31 @@ class LatentCacheDataset(Dataset):
         return self._maps[k]
 
     def __getitem__(self, index: int) -> dict:
-        k, row = self._rows[index]
-        item = {name: torch.from_numpy(np.array(tensor[row])) for name, tensor in self._shard(k).items()}
-        item["latent"] = (item["latent"].float() - self.shift) * self.scale
-        for name, field in self.fields.items():
-            if field.kind == "mask":
-                item[name] = item[name].long()
-            elif field.kind == "vector":
-                item[name] = item[name].float()
-        for field in self.pixel_fields:
-            if field.name in item:
-                item[field.name] = item[field.name].float()
-        item["item_id"] = self.shards[k]["items"][row]
-        return item
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """Items of a batch, read with one gather per shard and tensor (the DataLoader calls this per batch)."""
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for position, index in enumerate(indices):
+            k, row = self._rows[index]
+            by_shard.setdefault(k, []).append((position, row))
+        items: list[dict] = [{} for _ in indices]
+        for k, entries in by_shard.items():
+            positions, rows = zip(*entries)
+            for name, tensor in self._shard(k).items():
+                values = self._convert(name, torch.from_numpy(tensor[np.array(rows)]))
+                for position, value in zip(positions, values):
+                    items[position][name] = value
+            for position, row in entries:
+                items[position]["item_id"] = self.shards[k]["items"][row]
+        return items
+
+    def _convert(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """Stored dtype -> training dtype; latents normalised to the diffusion space."""
+        if name == "latent":
+            return (values.float() - self.shift) * self.scale
+        field = self.fields.get(name)
+        return values.long() if field is not None and field.kind == "mask" else values.float()
 
 
 def build_cache_datasets(cache_dir: Path) -> dict[str, LatentCacheDataset]:
