@@ -1,0 +1,78 @@
+"""Every preset in configs/ resolves against the schema, documents each key, and builds its networks."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from diffusion import build_strategy
+from diffusion.task import Field, Task, fields_from_config
+from models.autoencoder import build_autoencoder
+from models.unet2d import build_denoiser
+from utils.config import ConfigError, resolve
+from tests.runs import REPO
+
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+KEY_LINE = re.compile(r"^\s*[A-Za-z_][\w]*:\s*(\S.*)?$")
+
+
+def test_presets_exist():
+    names = {p.name for p in PRESETS}
+    assert {"demo.yaml", "demo_vae.yaml", "demo_ldm.yaml", "demo_pathology_vae.yaml",
+            "demo_pathology_ldm.yaml"} <= names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_key_has_a_comment(preset):
+    undocumented = [line for line in preset.read_text().splitlines()
+                    if KEY_LINE.match(line) and not line.rstrip().endswith(":") and "#" not in line]
+    sections = [line for line in preset.read_text().splitlines()
+                if KEY_LINE.match(line) and line.rstrip().endswith(":") and line.startswith("  ")]
+    assert not undocumented and not sections, undocumented + sections
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_preset_resolves_and_builds_its_networks(preset):
+    cfg = resolve(preset, [])
+    if "vae" in yaml.safe_load(preset.read_text()):
+        channels = 3 if cfg.data.kind == "tiles" else len(cfg.vae.inputs)
+        vae = build_autoencoder(cfg.vae, channels)
+        assert vae.config.latent_channels == cfg.vae.latent_channels
+        return
+    build_strategy(cfg.diffusion)
+    if cfg.data.kind == "latent_cache":
+        # The cache describes its fields; a latent is an image of the autoencoder's latent channels.
+        source = fields_from_config(cfg.data.__class__(**{**cfg.data.__dict__, "kind": cfg.latent.source_kind}))
+        fields = {"latent": Field("latent", "image", 4),
+                  **{n: f for n, f in source.items() if f.kind != "image"}}
+        factor = 4 if "demo" in preset.name else 8
+        shape = (cfg.data.image_size // factor,) * 2
+    else:
+        fields, shape = fields_from_config(cfg.data), (cfg.data.image_size,) * 2
+    task = Task(cfg.task, fields, shape)
+    net = build_denoiser(cfg.model, task)
+    assert net.unet.config.out_channels == task.target_channels
+
+
+def test_print_config_round_trips(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train_diffusion.py"), "--print-config",
+                             "training.lr=0.00123", "diffusion.strategy=ddpm"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(result.stdout)
+    cfg = resolve(saved, [])
+    assert cfg.training.lr == 0.00123 and cfg.diffusion.strategy == "ddpm"
+    assert cfg == resolve(REPO / "configs/demo.yaml", ["training.lr=0.00123", "diffusion.strategy=ddpm"])
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.block_out_channel'.*model.block_out_channels"):
+        resolve(None, ["model.block_out_channel=[8]"])
+    with pytest.raises(ConfigError, match="training.batch_size"):
+        resolve(None, ["training.batch_size=1.5x"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        resolve(None, ["training.lr"])
