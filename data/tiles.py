@@ -408,6 +408,9 @@ def balanced_weights(dataset: TileDataset) -> torch.Tensor:
     equally likely: 1 / (tiles with that dominant class); unlabelled tiles get the mean labelled weight.
     All ones when no tile is labelled.
     """
+    if not hasattr(dataset, "dominant_class"):
+        raise ConfigError("data.class_balanced needs per-item class labels: pathology tiles with masks, or a "
+                          "latent cache encoded from them")
     dominant = dataset.dominant_class
     labelled = dominant >= 0
     weights = torch.ones(len(dominant), dtype=torch.float64)

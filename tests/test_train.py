@@ -163,6 +163,7 @@ def test_existing_run_is_never_overwritten(tmp_path, demo_root):
     ("training.max_steps=ten", "training.max_steps"),
     ("task.targets=[t2]", "task.targets"),
     ("data.min_foreground=0.99", "min_foreground"),
+    ("data.class_balanced=true", "data.class_balanced"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, demo_root, override, message):
     run = tmp_path / "run"
