@@ -28,15 +28,12 @@ from utils.evaluation import heldout_loss, mean_scores, sample_items, score_item
 from utils.export import export_final, export_weights
 from utils.run import start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
-from utils.training import ResumableBatchSampler, build_lr_scheduler, build_optimizer, seed_step
+from utils.training import (NonFiniteGuard, ResumableBatchSampler, TrainingDiverged, build_lr_scheduler,
+                            build_optimizer, seed_step)
 from utils.visualization import comparison_grid, figure_array
 
 # Best-model folders: metric -> whether lower is better.
 BEST_METRICS = {"val/loss": True, "val/ssim": False}
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger):
@@ -119,7 +116,8 @@ def main(argv=None):
     batches = iter(DataLoader(datasets["train"], batch_sampler=sampler, num_workers=cfg.data.num_workers,
                               pin_memory=accelerator.device.type == "cuda"))
     running = {k: torch.tensor(v, device=accelerator.device) for k, v in state["running"].items()}
-    consecutive_nonfinite = 0
+    guard = NonFiniteGuard(state, cfg.training.max_consecutive_nonfinite, checkpoints,
+                           hint="lower training.lr, or use bf16 instead of fp16")
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
     progress = tqdm(total=cfg.training.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", dynamic_ncols=True)
@@ -159,22 +157,12 @@ def main(argv=None):
         timing["samples"] += cfg.training.batch_size * accum * accelerator.num_processes
         progress.update(1)
         if finite:
-            consecutive_nonfinite = 0
             # Averages cover the steps that were taken; skipped ones are counted in train/nonfinite_steps.
             for name, value in {**step_values, "grad_norm": grad_norm.detach().float(), "count": 1.0}.items():
                 running[name] = running.get(name, 0.0) + value
             if ema is not None:
                 ema.update(model, step)
-        else:
-            state["nonfinite_steps"] += 1
-            consecutive_nonfinite += 1
-            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                           step, consecutive_nonfinite)
-            if consecutive_nonfinite >= cfg.training.max_consecutive_nonfinite:
-                raise TrainingDiverged(
-                    f"training stopped at step {step}: {consecutive_nonfinite} consecutive steps had a non-finite "
-                    f"loss or gradient; the last good checkpoint is kept in {checkpoints} "
-                    "(lower training.lr, or use bf16 instead of fp16)")
+        guard.record(finite, step, logger)
 
         # Log averages over the steps since the last log (the only host syncs for logging). perf/ rows are
         # wall-clock measurements: the only rows that differ between otherwise identical runs.

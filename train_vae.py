@@ -30,14 +30,11 @@ from utils.config import ConfigError
 from utils.ema import EMA
 from utils.run import start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
-from utils.training import ResumableBatchSampler, build_lr_scheduler, build_optimizer, seed_step
+from utils.training import (NonFiniteGuard, ResumableBatchSampler, TrainingDiverged, build_lr_scheduler,
+                            build_optimizer, seed_step)
 from utils.visualization import comparison_grid
 
 BEST_METRIC = "val/psnr"  # higher is better; checkpoints/best-val_psnr/ holds those weights
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 def check_config(cfg) -> None:
@@ -137,7 +134,7 @@ def main(argv=None):
     running = {k: (torch.tensor(s, device=accelerator.device), n) for k, (s, n) in state["running"].items()}
     last_layer = accelerator.unwrap_model(model).last_layer
     bare_disc = accelerator.unwrap_model(disc) if adversarial else None
-    consecutive_nonfinite = 0
+    guard = NonFiniteGuard(state, cfg.training.max_consecutive_nonfinite, checkpoints, hint="lower training.lr")
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
     progress = tqdm(total=cfg.training.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", dynamic_ncols=True)
@@ -185,21 +182,12 @@ def main(argv=None):
         step += 1
         progress.update(1)
         if finite:
-            consecutive_nonfinite = 0
             for name, value in {**step_values, "grad_norm": grad_norm.detach().float()}.items():
                 total, n = running.get(name, (0.0, 0))
                 running[name] = (total + value, n + 1)
             if ema is not None:
                 ema.update(model, step)
-        else:
-            state["nonfinite_steps"] += 1
-            consecutive_nonfinite += 1
-            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                           step, consecutive_nonfinite)
-            if consecutive_nonfinite >= cfg.training.max_consecutive_nonfinite:
-                raise TrainingDiverged(
-                    f"training stopped at step {step}: {consecutive_nonfinite} consecutive steps had a non-finite "
-                    f"loss or gradient; the last good checkpoint is kept in {checkpoints} (lower training.lr)")
+        guard.record(finite, step, logger)
 
         # Log averages over the steps since the last log (the only host syncs for logging).
         if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
-from torch.utils.data import Dataset
 
+from data.arrays import ArrayDataset
 from utils.config import ConfigError, DataConfig
 from utils.logging import get_logger
 
@@ -263,7 +263,7 @@ def keep_slices(slices: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tenso
 # Dataset
 
 
-class SliceDataset(Dataset):
+class SliceDataset(ArrayDataset):
     """In-memory 2D slices: item = {image name: float32 (1, H, W) in [-1, 1], mask name: int64 (1, H, W),
     "item_id": "<subject>/<axis letter><slice index>"}."""
 
@@ -280,21 +280,11 @@ class SliceDataset(Dataset):
             clip_values: subject -> image name -> the [low, high] intensities mapped to [-1, 1]; kept apart from
                 `normalization`, which describes the method and goes into exported model metadata.
         """
-        self.arrays = arrays
-        self.item_ids = list(item_ids)
+        super().__init__(arrays, item_ids)
         self.image_names = list(image_names)
         self.mask_names = list(mask_names)
         self.normalization = normalization
         self.clip_values = clip_values or {}
-        self._index = {item_id: i for i, item_id in enumerate(self.item_ids)}
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def __getitem__(self, index: int) -> dict:
-        item = {name: tensor[index] for name, tensor in self.arrays.items()}
-        item["item_id"] = self.item_ids[index]
-        return item
 
     @property
     def subject_ids(self) -> list[str]:

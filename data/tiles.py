@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from skimage.filters import threshold_otsu
-from torch.utils.data import Dataset
 
+from data.arrays import ArrayDataset
 from data.nifti import subject_of
 from data.split import split_by_slab, split_by_subject
 from utils.config import ConfigError, DataConfig
@@ -244,7 +244,7 @@ def _tile_image(source: TileSource, cfg: DataConfig, root: Path) -> tuple[dict[s
 # Dataset
 
 
-class TileDataset(Dataset):
+class TileDataset(ArrayDataset):
     """In-memory tiles: item = {"image": float32 (3, H, W) in [-1, 1], "mask": int64 (1, H, W) class ids,
     "class_dist": float32 (tile_classes,) class fractions (zeros if unlabelled), "labelled": bool (),
     "item_id": "<image name>/y<row>_x<column>" of the tile's top-left pixel in the source image}."""
@@ -258,23 +258,13 @@ class TileDataset(Dataset):
                 "labelled" (N,) bool, in the order of `item_ids`.
             item_ids: N ids.
         """
-        self.arrays = arrays
-        self.item_ids = list(item_ids)
+        super().__init__(arrays, item_ids)
         self.image_names = ["image"]
         self.mask_names = ["mask"]
         self.normalization = copy.deepcopy(NORMALIZATION)
         labelled = arrays["labelled"]
         # (N,) int64: the most frequent class of each tile, -1 for unlabelled tiles.
         self.dominant_class = torch.where(labelled, arrays["class_dist"].argmax(dim=1), -1)
-        self._index = {item_id: i for i, item_id in enumerate(self.item_ids)}
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def __getitem__(self, index: int) -> dict:
-        item = {name: tensor[index] for name, tensor in self.arrays.items()}
-        item["item_id"] = self.item_ids[index]
-        return item
 
     @property
     def num_classes(self) -> int:

@@ -86,3 +86,28 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return 2 ** 62  # endless
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Skipped steps: each non-finite loss or gradient is counted in state["nonfinite_steps"]; `limit` in a row
+    stop the run (the last checkpoint, written before them, stays the newest)."""
+
+    def __init__(self, state: dict, limit: int, checkpoints, hint: str):
+        self.state, self.limit, self.checkpoints, self.hint = state, limit, checkpoints, hint
+        self.in_a_row = 0
+
+    def record(self, finite: bool, step: int, logger) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.state["nonfinite_steps"] += 1
+        self.in_a_row += 1
+        logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {self.in_a_row} consecutive steps had a non-finite loss or "
+                f"gradient; the last good checkpoint is kept in {self.checkpoints} ({self.hint})")
