@@ -26,7 +26,7 @@ from utils import config as config_lib
 from utils import metrics
 from utils.config import ConfigError
 from utils.distributed import check_launch
-from utils.evaluation import SeedItems, sample_items, score_item
+from utils.evaluation import SeedItems, sample_items, score_item, summarise
 from utils.logging import setup_logging
 from utils.visualization import comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours
 
@@ -157,13 +157,7 @@ def main(argv=None):
     # Write (one writer).
     if accelerator.is_main_process:
         out = run_dir / "eval"
-        names = sorted({k for s in scores for k in s})
-        summary = {}
-        for name in names:
-            values = np.array([s.get(name, np.nan) for s in scores], dtype=np.float64)
-            finite = values[np.isfinite(values)]
-            summary[name] = {"mean": float(finite.mean()) if finite.size else None,
-                             "std": float(finite.std()) if finite.size else None, "n": int(finite.size)}
+        summary = summarise(scores)
         report = {"metrics": {**summary, **fid_scores}, "data_range": data_range,
                   "settings": {"weights": ev.weights, "split": ev.split, "num_items": count,
                                "samples_per_item": ev.samples_per_item, "sampling_steps": ev.sampling_steps,

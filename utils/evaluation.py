@@ -103,11 +103,21 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
     return scores
 
 
+def summarise(scores: list[dict[str, float]]) -> dict[str, dict]:
+    """Mean, standard deviation and count of each metric over items, non-finite values left out (and counted
+    out of n: an item with an empty region has no in-region score)."""
+    summary = {}
+    for name in sorted({k for s in scores for k in s}):
+        values = np.array([s.get(name, np.nan) for s in scores], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        summary[name] = {"mean": float(finite.mean()) if finite.size else None,
+                         "std": float(finite.std()) if finite.size else None, "n": int(finite.size)}
+    return summary
+
+
 def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over items, ignoring NaN (an empty region or a label absent from both masks)."""
-    names = sorted({k for s in scores for k in s})
-    values = {k: np.array([s.get(k, np.nan) for s in scores]) for k in names}
-    return {k: float(np.nanmean(v)) for k, v in values.items() if np.isfinite(v).any()}
+    """The mean of each metric that has a finite value (for validation logs)."""
+    return {k: v["mean"] for k, v in summarise(scores).items() if v["mean"] is not None}
 
 
 class SeedItems(torch.utils.data.Dataset):
