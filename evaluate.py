@@ -78,8 +78,14 @@ def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict, shown: Field) -> None:
-    """comparison.png (condition | generated | reference | error, contours), denoising.png, training curves."""
+def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict, shown: Field,
+            paired: bool) -> None:
+    """comparison.png (condition | generated | reference | error, contours), denoising.png, training curves.
+
+    Args:
+        paired: whether the reference is the generated item's own ground truth (a spatial condition); a vector
+            condition only shares the class make-up with its held-out tile, so no error map is drawn then.
+    """
     rows, titles = [], []
     for item in items[:count]:
         row = {"generated": figure_array(item["generated"][0][shown.name])}
@@ -90,7 +96,7 @@ def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict
             if reference is not None and reference.shape[0] == 1 and cond.shape == reference.shape[1:]:
                 row["reference + mask contours"] = overlay_contours(reference[0], cond)
         if reference is not None:
-            row["reference"] = figure_array(reference)
+            row["reference" if paired else "held-out tile, same condition"] = figure_array(reference)
         rows.append(row)
         titles.append(item["item_id"])
     comparison_grid(rows, out / "comparison.png", titles=titles)
@@ -140,7 +146,7 @@ def main(argv=None):
         items_set = SeedItems(count)
     indices = list(range(count))
     logger.info("evaluating %s (%s) on %d %s items, %d sample(s) each, %d steps, %d process(es)",
-                run_dir, ev.weights, count, ev.split if task.is_conditional else "unconditional",
+                run_dir, ev.weights, count, ev.split if task.is_conditional or task.vector else "unconditional",
                 ev.samples_per_item, ev.sampling_steps, accelerator.num_processes)
 
     # Sample and score.
@@ -167,7 +173,7 @@ def main(argv=None):
         write_outputs(out, items, scores, report, scored)
         strip = denoising_trajectory(strategy, net, task, items_set, ev, accelerator.device, bundle.to_pixels,
                                      scored[0].name)
-        figures(out, run_dir, items, ev.num_figures, strip, scored[0])
+        figures(out, run_dir, items, ev.num_figures, strip, scored[0], paired=task.is_conditional)
         logger.info("%s", ", ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None))
         logger.info("wrote %s", out)
     accelerator.wait_for_everyone()
