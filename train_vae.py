@@ -32,7 +32,7 @@ from utils.run import start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, ResumableBatchSampler, TrainingDiverged, build_lr_scheduler,
                             build_optimizer, seed_step)
-from utils.visualization import comparison_grid
+from utils.visualization import comparison_grid, figure_array
 
 BEST_METRIC = "val/psnr"  # higher is better; checkpoints/best-val_psnr/ holds those weights
 
@@ -65,7 +65,7 @@ def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log,
         if accelerator.is_main_process:
             # Reconstruction | input | |error|, the first channel of each (RGB tiles stay RGB).
             figure = [{"generated": it["reconstruction"], "reference": it["input"]} for it in items if "input" in it]
-            png = comparison_grid([{k: v if v.shape[0] == 3 else v[0] for k, v in row.items()} for row in figure],
+            png = comparison_grid([{k: figure_array(v) for k, v in row.items()} for row in figure],
                                   Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png", val.data_range,
                                   titles=[it["item_id"] for it in items if "input" in it])
             metrics_log.log_image("reconstructions", png, step)
