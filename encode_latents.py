@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
@@ -22,7 +21,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from data import build_datasets
-from data.latent_cache import FORMAT_VERSION, MANIFEST, masks_at_latent_size, open_shard, shard_name
+from data.latent_cache import FORMAT_VERSION, MANIFEST, masks_at_latent_size, read_shard_tensor, shard_name
 from diffusion.task import fields_from_config
 from models.autoencoder import FrozenAutoencoder
 from utils import config as config_lib
@@ -125,14 +124,15 @@ def main(argv=None):
 
     # Manifest: scale/shift from the training latents, then a decode check on held-out items.
     if accelerator.is_main_process:
-        train_latents = torch.cat([torch.from_numpy(np.array(open_shard(cache_dir / s["file"], len(s["items"]))["latent"]))
+        train_latents = torch.cat([read_shard_tensor(cache_dir / s["file"], len(s["items"]), "latent")
                                    for s in shards if s["split"] == "train"])
         shift, scale = float(train_latents.mean()), float(1.0 / train_latents.std())
         check = next(s for s in shards if s["split"] != "train")
-        stored = open_shard(cache_dir / check["file"], len(check["items"]))
         count = min(8, len(check["items"]))
-        decoded = autoencoder.decode(torch.from_numpy(np.array(stored["latent"][:count]))).cpu()
-        reference = torch.cat([torch.from_numpy(np.array(stored[n][:count])).float() for n in inputs], dim=1)
+        stored = {name: read_shard_tensor(cache_dir / check["file"], len(check["items"]), name)[:count]
+                  for name in ("latent", *inputs)}
+        decoded = autoencoder.decode(stored["latent"]).cpu()
+        reference = torch.cat([stored[n].float() for n in inputs], dim=1)
         recon_psnr = float(psnr(decoded.clamp(-1, 1), reference, data_range=2.0).mean())
         manifest = {
             "format_version": FORMAT_VERSION,

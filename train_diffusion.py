@@ -13,23 +13,23 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data import balanced_weights, random_flip
+from data.arrays import to_device
 from data.sources import load_data, pixel_references
 from diffusion import build_strategy
 from diffusion.task import Task
 from models.unet2d import build_denoiser
 from utils import config as config_lib
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.ema import EMA
-from utils.evaluation import heldout_loss, mean_scores, sample_items, score_item
+from utils.evaluation import evenly_spaced, heldout_loss, mean_scores, sample_items, score_item
 from utils.export import export_final, export_weights
-from utils.run import start_training_run, stopped_before_the_end
+from utils.run import checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
-from utils.training import (NonFiniteGuard, ResumableBatchSampler, TrainingDiverged, build_lr_scheduler,
-                            build_optimizer, seed_step)
+from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
+                            seed_step, training_batches)
 from utils.visualization import comparison_grid, figure_array
 
 # Best-model folders: metric -> whether lower is better.
@@ -49,8 +49,7 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
                                         cfg.run.seed, accelerator))
         if step % cfg.validation.sample_every == 0 or step == cfg.training.max_steps:
             # Evenly spaced held-out items, the same ones at every validation.
-            count = min(cfg.validation.num_samples, len(val))
-            indices = sorted({round(i * (len(val) - 1) / max(count - 1, 1)) for i in range(count)})
+            indices = evenly_spaced(len(val), cfg.validation.num_samples)
             items = sample_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
                                  cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator,
                                  scored=scored, to_pixels=bundle.to_pixels)
@@ -111,11 +110,8 @@ def main(argv=None):
     # Batches: micro-batch k is a pure function of k, so a resumed run continues the same sequence.
     accum, step = cfg.training.grad_accum_steps, state["step"]
     weights = balanced_weights(datasets["train"]) if cfg.data.class_balanced else None
-    sampler = ResumableBatchSampler(len(datasets["train"]), cfg.training.batch_size, accelerator.process_index,
-                                    accelerator.num_processes, cfg.run.seed, start=step * accum, weights=weights)
-    batches = iter(DataLoader(datasets["train"], batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                              pin_memory=accelerator.device.type == "cuda"))
-    running = {k: torch.tensor(v, device=accelerator.device) for k, v in state["running"].items()}
+    batches = training_batches(datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, step, weights)
+    running = RunningMeans(accelerator.device, state["running"])
     guard = NonFiniteGuard(state, cfg.training.max_consecutive_nonfinite, checkpoints,
                            hint="lower training.lr, or use bf16 instead of fp16")
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
@@ -134,8 +130,7 @@ def main(argv=None):
             data_start = time.perf_counter()
             batch = next(batches)
             logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
-            batch = random_flip({k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                                 for k, v in batch.items()}, cfg.data.flip_prob)
+            batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
             timing["data"] += time.perf_counter() - data_start
             with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                 x0 = task.targets_of(batch)
@@ -158,8 +153,7 @@ def main(argv=None):
         progress.update(1)
         if finite:
             # Averages cover the steps that were taken; skipped ones are counted in train/nonfinite_steps.
-            for name, value in {**step_values, "grad_norm": grad_norm.detach().float(), "count": 1.0}.items():
-                running[name] = running.get(name, 0.0) + value
+            running.add({**step_values, "grad_norm": grad_norm.detach().float()})
             if ema is not None:
                 ema.update(model, step)
         guard.record(finite, step, logger)
@@ -167,15 +161,13 @@ def main(argv=None):
         # Log averages over the steps since the last log (the only host syncs for logging). perf/ rows are
         # wall-clock measurements: the only rows that differ between otherwise identical runs.
         if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
-            count = float(running.pop("count", torch.tensor(0.0)))
-            values = {f"train/{k}": float(v) / max(count, 1) for k, v in running.items()}
+            values = {f"train/{k}": v for k, v in running.pop_means().items()}
             values.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/nonfinite_steps": state["nonfinite_steps"]})
             elapsed = time.perf_counter() - timing["start"]
             values.update({"perf/samples_per_s": timing["samples"] / elapsed,
                            "perf/data_wait_fraction": timing["data"] / elapsed})
             metrics_log.log(values, step)
             progress.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", lr=f"{values['train/lr']:.2e}")
-            running = {}
             timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
 
         paused = time.perf_counter()  # validation and checkpoints do not count as training throughput
@@ -183,12 +175,8 @@ def main(argv=None):
                 or step == cfg.training.max_steps:
             validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
 
-        stopping = cfg.training.stop_after > 0 and step - start_step >= cfg.training.stop_after
-        if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or stopping:
-            state["step"] = step
-            state["running"] = {k: float(v) for k, v in running.items()}
-            save_checkpoint(accelerator, checkpoints, step, model, optimizer, lr_scheduler, ema, state,
-                            cfg.training.keep_last)
+        stopping = checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer,
+                                     lr_scheduler, ema, state, running)
         timing["start"] += time.perf_counter() - paused
         if stopping:
             break

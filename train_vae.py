@@ -16,22 +16,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data import build_datasets, random_flip
+from data.arrays import to_device
 from models.autoencoder import (TrainableAutoencoder, build_autoencoder, describe_autoencoder, export_autoencoder,
                                 score_reconstructions)
 from models.discriminator import PatchDiscriminator
 from models.losses import AutoencoderLoss
 from utils import config as config_lib
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError
 from utils.ema import EMA
-from utils.run import start_training_run, stopped_before_the_end
+from utils.evaluation import evenly_spaced
+from utils.run import checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
-from utils.training import (NonFiniteGuard, ResumableBatchSampler, TrainingDiverged, build_lr_scheduler,
-                            build_optimizer, seed_step)
+from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
+                            seed_step, training_batches)
 from utils.visualization import comparison_grid, figure_array
 
 BEST_METRIC = "val/psnr"  # higher is better; checkpoints/best-val_psnr/ holds those weights
@@ -51,9 +52,8 @@ def check_config(cfg) -> None:
 def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log, state, description, logger):
     """Reconstruction PSNR/SSIM/loss on held-out slices (split across processes), a figure, the best weights."""
     val, net = datasets["val"], accelerator.unwrap_model(model)
-    count = min(len(val), cfg.validation.max_batches * cfg.training.batch_size)
     # Evenly spaced held-out items, the same ones at every validation; some of them go into the figure.
-    indices = sorted({round(i * (len(val) - 1) / max(count - 1, 1)) for i in range(count)})
+    indices = evenly_spaced(len(val), cfg.validation.max_batches * cfg.training.batch_size)
     shown = set(indices[::max(len(indices) // max(cfg.validation.num_samples, 1), 1)][:cfg.validation.num_samples])
     with ema.swapped(model) if ema else nullcontext():
         net.eval()
@@ -126,12 +126,9 @@ def main(argv=None):
 
     # Batches: micro-batch k is a pure function of k, so a resumed run continues the same sequence.
     accum, step = cfg.training.grad_accum_steps, state["step"]
-    sampler = ResumableBatchSampler(len(datasets["train"]), cfg.training.batch_size, accelerator.process_index,
-                                    accelerator.num_processes, cfg.run.seed, start=step * accum)
-    batches = iter(DataLoader(datasets["train"], batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                              pin_memory=accelerator.device.type == "cuda"))
-    # Running sums and counts per metric: d_loss and g_loss only count the steps after vae.disc_start.
-    running = {k: (torch.tensor(s, device=accelerator.device), n) for k, (s, n) in state["running"].items()}
+    batches = training_batches(datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, step)
+    # d_loss and g_loss only count the steps after vae.disc_start.
+    running = RunningMeans(accelerator.device, state["running"])
     last_layer = accelerator.unwrap_model(model).last_layer
     bare_disc = accelerator.unwrap_model(disc) if adversarial else None
     guard = NonFiniteGuard(state, cfg.training.max_consecutive_nonfinite, checkpoints, hint="lower training.lr")
@@ -150,8 +147,7 @@ def main(argv=None):
         for micro in range(accum):
             batch = next(batches)
             logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
-            batch = random_flip({k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                                 for k, v in batch.items()}, cfg.data.flip_prob)
+            batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
             x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, H, W)
             with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                 loss, reconstruction, values = loss_fn(model, x, bare_disc if gan else None, last_layer)
@@ -182,32 +178,24 @@ def main(argv=None):
         step += 1
         progress.update(1)
         if finite:
-            for name, value in {**step_values, "grad_norm": grad_norm.detach().float()}.items():
-                total, n = running.get(name, (0.0, 0))
-                running[name] = (total + value, n + 1)
+            running.add({**step_values, "grad_norm": grad_norm.detach().float()})
             if ema is not None:
                 ema.update(model, step)
         guard.record(finite, step, logger)
 
         # Log averages over the steps since the last log (the only host syncs for logging).
         if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
-            values = {f"train/{k}": float(total) / n for k, (total, n) in running.items()}
+            values = {f"train/{k}": v for k, v in running.pop_means().items()}
             values.update({"train/lr": lr_scheduler.get_last_lr()[0],
                            "train/nonfinite_steps": state["nonfinite_steps"]})
             metrics_log.log(values, step)
             progress.set_postfix(rec=f"{values.get('train/rec_loss', float('nan')):.4f}")
-            running = {}
 
         if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
             validate(step, *validation)
 
-        stopping = cfg.training.stop_after > 0 and step - start_step >= cfg.training.stop_after
-        if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or stopping:
-            state["step"] = step
-            state["running"] = {k: [float(total), n] for k, (total, n) in running.items()}
-            save_checkpoint(accelerator, checkpoints, step, model, optimizer, lr_scheduler, ema, state,
-                            cfg.training.keep_last, extra)
-        if stopping:
+        if checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer, lr_scheduler, ema,
+                             state, running, extra):
             break
     progress.close()
     if stopped_before_the_end(step, cfg, model, logger, metrics_log):

@@ -20,3 +20,8 @@ class ArrayDataset(Dataset):
         item = {name: tensor[index] for name, tensor in self.arrays.items()}
         item["item_id"] = self.item_ids[index]
         return item
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors on `device` (ids and other lists stay as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

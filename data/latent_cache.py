@@ -92,6 +92,11 @@ def open_shard(path: Path, expected_items: int) -> dict[str, np.memmap]:
     return tensors
 
 
+def read_shard_tensor(path: Path, expected_items: int, name: str) -> torch.Tensor:
+    """One whole tensor of a shard, copied into memory."""
+    return torch.from_numpy(np.array(open_shard(path, expected_items)[name]))
+
+
 class LatentCacheDataset(Dataset):
     """Items of one split of a latent cache; latents normalised as (z - shift) * scale on read.
 
@@ -118,8 +123,7 @@ class LatentCacheDataset(Dataset):
         self._maps: dict[int, dict[str, np.memmap]] = {}
         vectors = [n for n, f in self.fields.items() if f.kind == "vector"]
         if vectors:  # the dominant class of each item, for class-balanced sampling (-1 when unlabelled)
-            dist = torch.cat([torch.from_numpy(np.array(open_shard(self.cache_dir / s["file"],
-                                                                   len(s["items"]))[vectors[0]]))
+            dist = torch.cat([read_shard_tensor(self.cache_dir / s["file"], len(s["items"]), vectors[0])
                               for s in self.shards]) if self.shards else torch.zeros(0, 1)
             self.num_classes = self.fields[vectors[0]].channels
             self.dominant_class = torch.where(dist.sum(dim=1) > 0, dist.argmax(dim=1), -1)

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from data import build_datasets
 from data.latent_cache import build_cache_datasets, check_encoder
 from diffusion.task import Field, fields_from_config
+from models.autoencoder import FrozenAutoencoder, denormalise
 from utils.checkpoint import atomic_write_text
 from utils.config import Config, ConfigError
 
@@ -34,7 +35,6 @@ class LatentDecoder:
         self.autoencoder, self.scale, self.shift, self.pixel_fields = autoencoder, scale, shift, pixel_fields
 
     def __call__(self, generated: dict) -> dict:
-        from models.autoencoder import denormalise
         latent = generated["latent"]
         pixels = self.autoencoder.decode(denormalise(latent.float(), self.scale, self.shift)).clamp(-1, 1)
         out, start = {}, 0
@@ -50,7 +50,6 @@ def load_data(cfg: Config, run_dir: Path, is_main_process: bool, device) -> Data
         datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=is_main_process)
         return DataBundle(datasets, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
 
-    from models.autoencoder import FrozenAutoencoder
     if not (cfg.latent.cache_dir and cfg.latent.autoencoder):
         raise ConfigError("data.kind=latent_cache needs latent.cache_dir and latent.autoencoder")
     datasets = build_cache_datasets(Path(cfg.latent.cache_dir))

@@ -48,11 +48,9 @@ class EMA:
 
     @torch.no_grad()
     def load_full_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = list(model.parameters())
-        backup = [p.detach().clone() for p in params]
+        """Restore the average from a full state dict (as `full_state_dict` wrote it); the model is unchanged."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=distributed,
-                                                                    broadcast_from_rank0=distributed))
-        self.shadow = [p.detach().clone() for p in params]
-        for p, b in zip(params, backup):
-            p.copy_(b)
+        with self.swapped(model):
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=distributed,
+                                                                        broadcast_from_rank0=distributed))
+            self.shadow = [p.detach().clone() for p in model.parameters()]

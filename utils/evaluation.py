@@ -14,14 +14,17 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from data.arrays import to_device
 from diffusion.generate import generate, item_noise, item_uniform
 from diffusion.task import Field, Task
 from utils import metrics
 from utils.distributed import gather_objects, shard
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def evenly_spaced(num_items: int, count: int) -> list[int]:
+    """`count` item indices spread over the whole dataset: the same held-out items at every validation."""
+    count = min(count, num_items)
+    return sorted({round(i * (num_items - 1) / max(count - 1, 1)) for i in range(count)})
 
 
 def sharded_batches(dataset, indices: Sequence[int], batch_size: int, rank: int, world_size: int,
@@ -31,11 +34,11 @@ def sharded_batches(dataset, indices: Sequence[int], batch_size: int, rank: int,
     num_batches = math.ceil(math.ceil(len(indices) / world_size) / batch_size)
     for b in range(num_batches):
         chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(chunk)
-        padded = chunk + [(chunk or mine or list(indices))[-1]] * (batch_size - real) if real < batch_size else chunk
-        if real == 0 and b > 0:
-            padded = padded[:1]  # nothing left here: one dummy item keeps the collective calls matched
-        yield padded, real, _to_device(default_collate([dataset[i] for i in padded]), device)
+        filler = (chunk or mine or list(indices))[-1]
+        # A short batch is padded to full size; a rank with nothing left runs one dummy item, which keeps the
+        # collective calls matched. Padding results are dropped (only the first `real` count).
+        padded = chunk + [filler] * (batch_size - len(chunk)) if chunk else [filler]
+        yield padded, len(chunk), to_device(default_collate([dataset[i] for i in padded]), device)
 
 
 @torch.no_grad()

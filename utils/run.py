@@ -6,7 +6,7 @@ from typing import Optional
 
 from accelerate import Accelerator
 
-from utils.checkpoint import prepare_run_dir, remove_incomplete, resolve_resume
+from utils.checkpoint import prepare_run_dir, remove_incomplete, resolve_resume, save_checkpoint
 from utils.config import Config
 from utils.distributed import check_launch
 from utils.logging import setup_logging
@@ -43,3 +43,16 @@ def stopped_before_the_end(step: int, cfg: Config, model, logger, metrics_log) -
     logger.info("stopped at step %d (training.stop_after); rerun the same command to continue", step)
     metrics_log.close()
     return True
+
+
+def checkpoint_if_due(step: int, start_step: int, cfg: Config, accelerator, checkpoints: Path, model, optimizer,
+                      lr_scheduler, ema, state: dict, running, extra: Optional[dict] = None) -> bool:
+    """Save at training.checkpoint_every, at the last step and when training.stop_after ends this invocation;
+    returns whether it ends now."""
+    stopping = cfg.training.stop_after > 0 and step - start_step >= cfg.training.stop_after
+    if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or stopping:
+        state["step"] = step
+        state["running"] = running.state_dict()
+        save_checkpoint(accelerator, checkpoints, step, model, optimizer, lr_scheduler, ema, state,
+                        cfg.training.keep_last, extra)
+    return stopping

@@ -5,7 +5,7 @@ import math
 from typing import Optional
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from utils.config import ConfigError, TrainingConfig
 
@@ -111,3 +111,39 @@ class NonFiniteGuard:
             raise TrainingDiverged(
                 f"training stopped at step {step}: {self.in_a_row} consecutive steps had a non-finite loss or "
                 f"gradient; the last good checkpoint is kept in {self.checkpoints} ({self.hint})")
+
+
+class RunningMeans:
+    """Per-metric sums and step counts kept on the device between logs, so logging syncs once per log.
+
+    A metric counts only the steps that reported it (e.g. a GAN loss from its start step); the sums go into
+    checkpoints, so a resumed run logs exactly the averages an uninterrupted one would.
+    """
+
+    def __init__(self, device, saved: Optional[dict] = None):
+        self.device = device
+        self.sums = {k: (torch.tensor(total, device=device), n) for k, (total, n) in (saved or {}).items()}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            total, n = self.sums.get(name, (0.0, 0))
+            self.sums[name] = (total + value, n + 1)
+
+    def pop_means(self) -> dict[str, float]:
+        """The averages since the last call, then start again."""
+        means = {name: float(total) / n for name, (total, n) in self.sums.items()}
+        self.sums = {}
+        return means
+
+    def state_dict(self) -> dict:
+        return {name: [float(total), n] for name, (total, n) in self.sums.items()}
+
+
+def training_batches(dataset, cfg: TrainingConfig, data_cfg, accelerator, seed: int, step: int,
+                     weights: Optional[torch.Tensor] = None):
+    """Endless collated training batches from optimizer step `step` on (micro-batch k = step * accum + ...)."""
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, accelerator.process_index,
+                                    accelerator.num_processes, seed, start=step * cfg.grad_accum_steps,
+                                    weights=weights)
+    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg.num_workers,
+                           pin_memory=accelerator.device.type == "cuda"))
