@@ -13,6 +13,7 @@ from diffusion.task import Field, Task, fields_from_config
 from models.autoencoder import build_autoencoder
 from models.unet2d import build_denoiser
 from utils.config import ConfigError, resolve
+from utils.config_checks import check_config
 from tests.runs import REPO
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -37,6 +38,7 @@ def test_every_key_has_a_comment(preset):
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_preset_resolves_and_builds_its_networks(preset):
     cfg = resolve(preset, [])
+    check_config(cfg)
     if "vae" in yaml.safe_load(preset.read_text()):
         channels = 3 if cfg.data.kind == "tiles" else len(cfg.vae.inputs)
         vae = build_autoencoder(cfg.vae, channels)
@@ -59,14 +61,16 @@ def test_preset_resolves_and_builds_its_networks(preset):
 
 def test_print_config_round_trips(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "train_diffusion.py"), "--print-config",
-                             "training.lr=0.00123", "diffusion.strategy=ddpm"],
+                             "training.lr=0.00123", "diffusion.strategy=ddpm",
+                             "diffusion.timestep_sampling=uniform"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     saved = tmp_path / "printed.yaml"
     saved.write_text(result.stdout)
     cfg = resolve(saved, [])
     assert cfg.training.lr == 0.00123 and cfg.diffusion.strategy == "ddpm"
-    assert cfg == resolve(REPO / "configs/demo.yaml", ["training.lr=0.00123", "diffusion.strategy=ddpm"])
+    assert cfg == resolve(REPO / "configs/demo.yaml", ["training.lr=0.00123", "diffusion.strategy=ddpm",
+                                                       "diffusion.timestep_sampling=uniform"])
 
 
 def test_config_errors_name_the_key():
@@ -76,3 +80,43 @@ def test_config_errors_name_the_key():
         resolve(None, ["training.batch_size=1.5x"])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         resolve(None, ["training.lr"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.batch_size=0"], "training.batch_size=0 must be >= 1"),
+    (["validation.every=0"], "validation.every"),
+    (["run.num_threads=-1"], "run.num_threads"),
+    (["data.flip_prob=1.0"], "data.flip_prob=1.0 must be in [0, 1)"),
+    (["training.ema_decay=1.0"], "training.ema_decay"),
+    (["training.adam_betas=[0.9]"], "training.adam_betas"),
+    (["training.adam_betas=[0.9,1.5]"], "training.adam_betas"),
+    (["model.block_out_channels=[]"], "model.block_out_channels"),
+    (["task.loss_weights={t1: -1.0}"], "task.loss_weights"),
+    (["training.lr_schedule=step"], "training.lr_schedule='step' is not one of constant"),
+    (["logging.wandb_mode=cloud"], "logging.wandb_mode"),
+    (["vae.kind=vqgan"], "vae.kind"),
+    (["vae.disc_loss=wasserstein"], "vae.disc_loss"),
+    (["eval.split=train"], "eval.split"),
+    (["training.resume="], "training.resume"),
+    (["data.kind=dicom"], "data.kind"),
+    (["latent.source_kind=dicom"], "latent.source_kind"),
+    (["data.demo=ihc"], "data.kind=tiles"),
+    (["data.kind=tiles", "data.tile_size=0"], "data.tile_size"),
+    (["data.kind=latent_cache"], "latent.cache_dir and latent.autoencoder"),
+    (["diffusion.strategy=edm"], "diffusion.strategy"),
+    (["diffusion.strategy=rflow", "diffusion.sampler=ddim"], "diffusion.sampler"),
+    (["validation.sampling_steps=1001"], "validation.sampling_steps=1001 must be <= diffusion.num_train_timesteps"),
+    (["diffusion.guidance_scale=0"], "task.cond_drop_prob"),
+])
+def test_check_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        check_config(resolve(None, overrides))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_check_config_accepts_what_works():
+    check_config(resolve(None, []))
+    check_config(resolve(None, ["diffusion.guidance_scale=2", "task.cond_drop_prob=0.1"]))
+    check_config(resolve(None, ["diffusion.strategy=rflow", "validation.sampling_steps=5000"]))  # rflow: any count
+    # A resume folder that is gone (rotated away) is refused when a run resumes, not when evaluate.py reads its run.
+    check_config(resolve(None, ["training.resume=runs/x/checkpoints/checkpoint-500"]))

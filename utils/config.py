@@ -1,7 +1,7 @@
 """Typed configuration: nested dataclasses, YAML presets, dotted command-line overrides.
 
-Every script calls `load_config(argv)`; unknown keys and wrongly typed values stop the run with a one-line
-message naming the key and the closest valid one.
+Every script calls `parse_args(argv, ...)`; unknown keys, wrongly typed values and values that cannot work
+(utils/config_checks.py) stop the run before any data is read, with a one-line message naming the key.
 """
 from __future__ import annotations
 
@@ -16,10 +16,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESUME_MODES = ("auto", "never", "latest")  # training.resume, else a checkpoint folder
 
 
 class ConfigError(ValueError):
     """Bad user input (config, data or run directory): reported as one line, without a traceback."""
+
+
+def check_choice(key: str, value: Any, valid, why: str = "") -> None:
+    """Raise a ConfigError naming the dotted `key` unless `value` is one of `valid`."""
+    if value not in valid:
+        raise ConfigError(f"{key}='{value}' is not one of {' | '.join(valid)}{why}")
 
 
 @dataclass
@@ -27,6 +34,7 @@ class RunConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
     log_level: str = "INFO"
+    num_threads: int = 0  # torch intra-op threads per process; 0 = the cores available / processes on the node
 
 
 @dataclass
@@ -95,7 +103,6 @@ class DiffusionConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     sampler: str = ""  # "" = the strategy's own: ddim for ddpm, euler for rflow
-    sampling_steps: int = 50
     guidance_scale: float = 1.0
 
 
@@ -135,7 +142,7 @@ class ValidationConfig:
 class LoggingConfig:
     trackers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard | wandb
     wandb_project: str = "medical-diffusion"
-    wandb_mode: str = "offline"  # offline | online
+    wandb_mode: str = "offline"  # offline | online | disabled
 
 
 @dataclass
@@ -269,6 +276,9 @@ def parse_args(argv: Optional[list[str]], description: str, default_config: Opti
     if yaml_path is None and default_config is not None:
         yaml_path = REPO_ROOT / default_config
     cfg = resolve(yaml_path, args.overrides)
+    # Imported here: the modules that own the valid choices import this one.
+    from utils.config_checks import check_config
+    check_config(cfg)
     if run_flag and args.run is not None:
         cfg.run.output_dir = str(args.run)
     if args.print_config:
