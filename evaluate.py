@@ -26,7 +26,7 @@ from utils import config as config_lib
 from utils import metrics
 from utils.config import ConfigError
 from utils.distributed import check_launch
-from utils.evaluation import SeedItems, sample_items, score_item, summarise
+from utils.evaluation import SeedItems, evenly_spaced, sample_items, score_item, summarise
 from utils.logging import setup_logging
 from utils.visualization import comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours
 
@@ -137,14 +137,16 @@ def main(argv=None):
     features = metrics.FeatureExtractor(ev.feature_network, accelerator.device, ev.feature_channels or None) \
         if ev.feature_network else None
 
-    # Items: every held-out item (for its conditions) or eval.num_items seeds (unconditional).
+    # Items: held-out items (for their conditions), eval.num_items of them evenly spaced over the whole set (the
+    # leading ones would be one or two subjects); or eval.num_items seeds (unconditional).
     if task.is_conditional or task.vector:
         items_set = reference_set
         count = min(ev.num_items, len(items_set)) if ev.num_items > 0 else len(items_set)
+        indices = evenly_spaced(len(items_set), count)
     else:
         count = ev.num_items or 16
         items_set = SeedItems(count)
-    indices = list(range(count))
+        indices = list(range(count))
     logger.info("evaluating %s (%s) on %d %s items, %d sample(s) each, %d steps, %d process(es)",
                 run_dir, ev.weights, count, ev.split if task.is_conditional or task.vector else "unconditional",
                 ev.samples_per_item, ev.sampling_steps, accelerator.num_processes)
@@ -158,7 +160,9 @@ def main(argv=None):
     # Per-item comparisons need a reference that the conditions pin down (a spatial condition).
     scores = [score_item(scored, item if task.is_conditional else {**item, "reference": {}}, data_range,
                          task.region_mask) for item in items]
-    fid_scores = distribution_scores(features, items, scored, reference_set) if features is not None else {}
+    fid_scores = {}
+    if features is not None:
+        fid_scores = distribution_scores(features, items, scored, reference_set, accelerator)
 
     # Write (one writer).
     if accelerator.is_main_process:
@@ -179,15 +183,20 @@ def main(argv=None):
     accelerator.wait_for_everyone()
 
 
-def distribution_scores(features, items: list[dict], scored: list[Field], reference_set) -> dict:
-    """FID and KID between all generated samples and the held-out images, on the first scored image."""
+def distribution_scores(features, items: list[dict], scored: list[Field], reference_set, accelerator) -> dict:
+    """FID and KID between all generated samples and the held-out images, on the first scored image.
+
+    Every process extracts the features of its own share of both sets; all processes get all features.
+    """
     image = next((f.name for f in scored if not f.is_mask), None)
     if image is None:
         return {}
-    generated = torch.from_numpy(np.stack([g[image] for it in items for g in it["generated"]]))
-    reference = torch.stack([reference_set[i][image] for i in range(len(reference_set))]).float()
-    f_gen = torch.cat([features(generated[i:i + 64]) for i in range(0, len(generated), 64)])
-    f_ref = torch.cat([features(reference[i:i + 64]) for i in range(0, len(reference), 64)])
+    generated = [g[image] for it in items for g in it["generated"]]
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    f_gen = metrics.sharded_features(features, lambda i: torch.from_numpy(generated[i]), len(generated), rank,
+                                     world_size)
+    f_ref = metrics.sharded_features(features, lambda i: reference_set[i][image].float(), len(reference_set), rank,
+                                     world_size)
     kid_mean, kid_std = metrics.kid(f_gen, f_ref, subset_size=min(len(f_gen), len(f_ref), 1000))
     return {"fid": {"value": metrics.fid_from_features(f_gen, f_ref), "n": len(f_gen), "n_reference": len(f_ref)},
             "kid": {"mean": kid_mean, "std": kid_std, "n": len(f_gen)}}

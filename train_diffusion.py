@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from data import balanced_weights, random_flip
 from data.arrays import to_device
@@ -26,7 +25,7 @@ from utils.checkpoint import load_checkpoint
 from utils.ema import EMA
 from utils.evaluation import evenly_spaced, heldout_loss, mean_scores, sample_items, score_item
 from utils.export import export_final, export_weights
-from utils.run import checkpoint_if_due, start_training_run, stopped_before_the_end
+from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
                             seed_step, training_batches)
@@ -44,7 +43,8 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
     with ema.swapped(model) if ema else nullcontext():
         net.eval()
         if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
-            indices = list(range(min(len(val), cfg.validation.max_batches * cfg.training.batch_size)))
+            # Evenly spaced over the whole held-out set (every subject), the same items at every validation.
+            indices = evenly_spaced(len(val), cfg.validation.max_batches * cfg.training.batch_size)
             results.update(heldout_loss(strategy, net, task, val, indices, cfg.training.batch_size,
                                         cfg.run.seed, accelerator))
         if step % cfg.validation.sample_every == 0 or step == cfg.training.max_steps:
@@ -73,10 +73,10 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
             best = state["best"].get(name)
             if best is None or (results[name] < best if lower_is_better else results[name] > best):
                 state["best"][name] = results[name]
-                if accelerator.is_main_process:
-                    folder = Path(cfg.run.output_dir) / "checkpoints" / f"best-{name.replace('/', '_')}"
-                    export_weights(folder, net, {"metric": name, "value": results[name], "step": step})
-                    logger.info("new best %s = %.4f at step %d", name, results[name], step)
+                # Every rank exports (results are gathered, so all agree): sharded weights are gathered first.
+                folder = Path(cfg.run.output_dir) / "checkpoints" / f"best-{name.replace('/', '_')}"
+                export_weights(folder, net, {"metric": name, "value": results[name], "step": step})
+                logger.info("new best %s = %.4f at step %d", name, results[name], step)
 
 
 def main(argv=None):
@@ -102,7 +102,7 @@ def main(argv=None):
 
     state = {"step": 0, "nonfinite_steps": 0, "best": {}, "running": {}}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, lr_scheduler, ema)
+        state = load_checkpoint(resume_from, model, optimizer, lr_scheduler, ema, scaler=accelerator.scaler)
         logger.info("resumed from %s (step %d)", resume_from, state["step"])
     metrics_log = MetricsLog(accelerator, run_dir, cfg.logging, config_lib.OmegaConf.to_container(
         config_lib.OmegaConf.structured(cfg)), state["step"] if resume_from else None)
@@ -115,87 +115,86 @@ def main(argv=None):
     guard = NonFiniteGuard(state, cfg.training.max_consecutive_nonfinite, checkpoints,
                            hint="lower training.lr, or use bf16 instead of fp16")
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
-    progress = tqdm(total=cfg.training.max_steps, initial=step, disable=not accelerator.is_main_process,
-                    desc="train", dynamic_ncols=True)
+    progress = Progress(cfg.training.max_steps, step, cfg.training.log_every, accelerator.is_main_process, logger)
 
     if step == 0 and cfg.validation.at_start:
         validate(0, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
-    start_step = step
+    start_step, stop_reason = step, ""
     timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
-    while step < cfg.training.max_steps:
-        seed_step(cfg.run.seed, step, accelerator.process_index)
-        # Accumulate gradients; only the last micro-batch synchronises them across processes.
-        step_values = {}
-        for micro in range(accum):
-            data_start = time.perf_counter()
-            batch = next(batches)
-            logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
-            batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
-            timing["data"] += time.perf_counter() - data_start
-            with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                x0 = task.targets_of(batch)
-                elementwise, _ = strategy.loss_terms(model, x0, task.condition_of(batch, cfg.task.cond_drop_prob))
-                per_sample, diagnostics = task.reduce(elementwise, batch)
-                loss = per_sample.mean()
-            accelerator.backward(loss / accum)
-            for name, value in {"loss": loss, **diagnostics}.items():
-                step_values[name] = step_values.get(name, 0.0) + value.detach().float() / accum
+    # From here on SIGTERM, SIGUSR1 and Ctrl-C end the run after the current step, with a checkpoint.
+    with StopSignals(logger) as stop:
+        while step < cfg.training.max_steps and not stop_reason:
+            seed_step(cfg.run.seed, step, accelerator.process_index)
+            # Accumulate gradients; only the last micro-batch synchronises them across processes.
+            step_values = {}
+            for micro in range(accum):
+                data_start = time.perf_counter()
+                batch = next(batches)
+                logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
+                batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
+                timing["data"] += time.perf_counter() - data_start
+                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
+                    x0 = task.targets_of(batch)
+                    elementwise, _ = strategy.loss_terms(model, x0, task.condition_of(batch, cfg.task.cond_drop_prob))
+                    per_sample, diagnostics = task.reduce(elementwise, batch)
+                    loss = per_sample.mean()
+                accelerator.backward(loss / accum)
+                for name, value in {"loss": loss, **diagnostics}.items():
+                    step_values[name] = step_values.get(name, 0.0) + value.detach().float() / accum
 
-        # Clip and step, unless the gradient is not finite.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step, as fp16 loss scaling makes
-        if finite or cfg.training.mixed_precision == "fp16":
-            optimizer.step()  # under fp16 the loss scaler skips a non-finite step and lowers its scale
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        step += 1
-        timing["samples"] += cfg.training.batch_size * accum * accelerator.num_processes
-        progress.update(1)
-        if finite:
-            # Averages cover the steps that were taken; skipped ones are counted in train/nonfinite_steps.
-            running.add({**step_values, "grad_norm": grad_norm.detach().float()})
-            if ema is not None:
-                ema.update(model, step)
-        guard.record(finite, step, logger)
+            # Clip and step, unless the gradient is not finite.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step, as fp16 loss scaling makes
+            if finite or accelerator.scaler is not None:
+                optimizer.step()  # under fp16 the loss scaler skips a non-finite step and lowers its scale
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            step += 1
+            timing["samples"] += cfg.training.batch_size * accum * accelerator.num_processes
+            if finite:
+                # Averages cover the steps that were taken; skipped ones are counted in train/nonfinite_steps.
+                running.add({**step_values, "grad_norm": grad_norm.detach().float()})
+                if ema is not None:
+                    ema.update(model, step)
+            guard.record(finite, step, logger)
 
-        # Log averages over the steps since the last log (the only host syncs for logging). perf/ rows are
-        # wall-clock measurements: the only rows that differ between otherwise identical runs.
-        if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
-            values = {f"train/{k}": v for k, v in running.pop_means().items()}
-            values.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/nonfinite_steps": state["nonfinite_steps"]})
-            elapsed = time.perf_counter() - timing["start"]
-            values.update({"perf/samples_per_s": timing["samples"] / elapsed,
-                           "perf/data_wait_fraction": timing["data"] / elapsed})
-            metrics_log.log(values, step)
-            progress.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", lr=f"{values['train/lr']:.2e}")
-            timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
+            # Log averages over the steps since the last log (the only host syncs for logging). perf/ rows are
+            # wall-clock measurements: the only rows that differ between otherwise identical runs.
+            if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
+                values = {f"train/{k}": v for k, v in running.pop_means().items()}
+                values.update({"train/lr": lr_scheduler.get_last_lr()[0],
+                               "train/nonfinite_steps": state["nonfinite_steps"]})
+                elapsed = time.perf_counter() - timing["start"]
+                values.update({"perf/samples_per_s": timing["samples"] / elapsed,
+                               "perf/data_wait_fraction": timing["data"] / elapsed})
+                metrics_log.log(values, step)
+                progress.set_values({k: values[k] for k in ("train/loss", "train/lr") if k in values})
+                timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
 
-        paused = time.perf_counter()  # validation and checkpoints do not count as training throughput
-        if step % cfg.validation.every == 0 or step % cfg.validation.sample_every == 0 \
-                or step == cfg.training.max_steps:
-            validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
+            paused = time.perf_counter()  # validation and checkpoints do not count as training throughput
+            if step % cfg.validation.every == 0 or step % cfg.validation.sample_every == 0 \
+                    or step == cfg.training.max_steps:
+                validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
 
-        stopping = checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer,
-                                     lr_scheduler, ema, state, running)
-        timing["start"] += time.perf_counter() - paused
-        if stopping:
-            break
+            stop_reason = checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer,
+                                            lr_scheduler, ema, state, running, stop)
+            timing["start"] += time.perf_counter() - paused
+            progress.update(step)
     progress.close()
-    if stopped_before_the_end(step, cfg, model, logger, metrics_log):
+    if stopped_before_the_end(step, cfg, model, logger, metrics_log, stop_reason):
         return
 
-    # Export the EMA weights in diffusers format.
+    # Export the EMA weights in diffusers format (on every rank: sharded weights are gathered, rank 0 writes).
     with ema.swapped(model) if ema else nullcontext():
-        if accelerator.is_main_process:
-            unconditional_ddpm = cfg.diffusion.strategy == "ddpm" and not (task.is_conditional or task.vector)
-            info = task.describe(datasets["train"])
-            vae = None
-            if bundle.autoencoder is not None:  # latent diffusion: x0 = (vae latent - shift) * scale
-                info["latent"] = {"scale": datasets["train"].scale, "shift": datasets["train"].shift}
-                vae = bundle.autoencoder.model
-            export_final(run_dir / "final", accelerator.unwrap_model(model), strategy, info,
-                         "DDIMPipeline" if unconditional_ddpm else "", vae=vae)
-    accelerator.wait_for_everyone()
+        info = task.describe(datasets["train"])
+        vae = None
+        if bundle.autoencoder is not None:  # latent diffusion: x0 = (vae latent - shift) * scale
+            info["latent"] = {"scale": datasets["train"].scale, "shift": datasets["train"].shift}
+            vae = bundle.autoencoder.model
+        # DDIMPipeline samples an unconditional pixel-space DDPM; for a latent one it would return latents.
+        stock_pipeline = cfg.diffusion.strategy == "ddpm" and vae is None and not (task.is_conditional or task.vector)
+        export_final(run_dir / "final", accelerator.unwrap_model(model), strategy, info,
+                     "DDIMPipeline" if stock_pipeline else "", vae=vae)
     metrics_log.close()
     logger.info("done: %s", run_dir / "final")
 

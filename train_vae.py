@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from data import build_datasets, random_flip
 from data.arrays import to_device
@@ -29,7 +28,7 @@ from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError
 from utils.ema import EMA
 from utils.evaluation import evenly_spaced
-from utils.run import checkpoint_if_due, start_training_run, stopped_before_the_end
+from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
                             seed_step, training_batches)
@@ -73,11 +72,11 @@ def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log,
         best = state["best"].get(BEST_METRIC)
         if math.isfinite(results[BEST_METRIC]) and (best is None or results[BEST_METRIC] > best):
             state["best"][BEST_METRIC] = results[BEST_METRIC]
-            if accelerator.is_main_process:
-                folder = Path(cfg.run.output_dir) / "checkpoints" / f"best-{BEST_METRIC.replace('/', '_')}"
-                export_autoencoder(folder, net.vae, description,
-                                   {"metric": BEST_METRIC, "value": results[BEST_METRIC], "step": step})
-                logger.info("new best %s = %.3f at step %d", BEST_METRIC, results[BEST_METRIC], step)
+            # Every rank exports (results are gathered, so all agree): sharded weights are gathered first.
+            folder = Path(cfg.run.output_dir) / "checkpoints" / f"best-{BEST_METRIC.replace('/', '_')}"
+            export_autoencoder(folder, net.vae, description,
+                               {"metric": BEST_METRIC, "value": results[BEST_METRIC], "step": step})
+            logger.info("new best %s = %.3f at step %d", BEST_METRIC, results[BEST_METRIC], step)
 
 
 def main(argv=None):
@@ -119,7 +118,7 @@ def main(argv=None):
 
     state = {"step": 0, "nonfinite_steps": 0, "best": {}, "running": {}}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, lr_scheduler, ema, extra)
+        state = load_checkpoint(resume_from, model, optimizer, lr_scheduler, ema, extra, accelerator.scaler)
         logger.info("resumed from %s (step %d)", resume_from, state["step"])
     metrics_log = MetricsLog(accelerator, run_dir, cfg.logging, config_lib.OmegaConf.to_container(
         config_lib.OmegaConf.structured(cfg)), state["step"] if resume_from else None)
@@ -133,79 +132,77 @@ def main(argv=None):
     bare_disc = accelerator.unwrap_model(disc) if adversarial else None
     guard = NonFiniteGuard(state, cfg.training.max_consecutive_nonfinite, checkpoints, hint="lower training.lr")
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
-    progress = tqdm(total=cfg.training.max_steps, initial=step, disable=not accelerator.is_main_process,
-                    desc="train", dynamic_ncols=True)
+    progress = Progress(cfg.training.max_steps, step, cfg.training.log_every, accelerator.is_main_process, logger)
     validation = (cfg, model, ema, loss_fn, datasets, accelerator, metrics_log, state, description, logger)
     if step == 0 and cfg.validation.at_start:
         validate(0, *validation)
-    start_step = step
-    while step < cfg.training.max_steps:
-        seed_step(cfg.run.seed, step, accelerator.process_index)
-        gan = adversarial and step >= cfg.vae.disc_start
-        # Accumulate gradients of both networks; only the last micro-batch synchronises them across processes.
-        step_values = {}
-        for micro in range(accum):
-            batch = next(batches)
-            logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
-            batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
-            x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, H, W)
-            with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                loss, reconstruction, values = loss_fn(model, x, bare_disc if gan else None, last_layer)
-            accelerator.backward(loss.mean() / accum)
-            if gan:  # the discriminator sees the reconstruction from before this step's update, as in taming
-                with accelerator.no_sync(disc) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                    d_loss = loss_fn.discriminator_loss(disc, x, reconstruction)
-                accelerator.backward(d_loss.mean() / accum)
-                values["d_loss"] = d_loss.detach().mean().float()
-            for name, value in values.items():
-                step_values[name] = step_values.get(name, 0.0) + value / accum
+    start_step, stop_reason = step, ""
+    # From here on SIGTERM, SIGUSR1 and Ctrl-C end the run after the current step, with a checkpoint.
+    with StopSignals(logger) as stop:
+        while step < cfg.training.max_steps and not stop_reason:
+            seed_step(cfg.run.seed, step, accelerator.process_index)
+            gan = adversarial and step >= cfg.vae.disc_start
+            # Accumulate gradients of both networks; only the last micro-batch synchronises them across processes.
+            step_values = {}
+            for micro in range(accum):
+                batch = next(batches)
+                logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
+                batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
+                x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, H, W)
+                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
+                    loss, reconstruction, values = loss_fn(model, x, bare_disc if gan else None, last_layer)
+                accelerator.backward(loss.mean() / accum)
+                if gan:  # the discriminator sees the reconstruction from before this step's update, as in taming
+                    with accelerator.no_sync(disc) if micro < accum - 1 else nullcontext(), accelerator.autocast():
+                        d_loss = loss_fn.discriminator_loss(disc, x, reconstruction)
+                    accelerator.backward(d_loss.mean() / accum)
+                    values["d_loss"] = d_loss.detach().mean().float()
+                for name, value in values.items():
+                    step_values[name] = step_values.get(name, 0.0) + value / accum
 
-        # Clip and step both networks, unless the autoencoder's gradient is not finite.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step
-        if finite:
-            optimizer.step()
-            if gan:
-                accelerator.clip_grad_norm_(disc.parameters(), max_norm)
+            # Clip and step both networks, unless a gradient is not finite (then neither steps).
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            norms = [grad_norm, accelerator.clip_grad_norm_(disc.parameters(), max_norm)] if gan else [grad_norm]
+            finite = bool(torch.isfinite(torch.stack(norms)).all())  # one host sync per optimizer step
+            if finite or accelerator.scaler is not None:
+                optimizer.step()  # under fp16 the loss scaler skips a non-finite step and lowers its scale
+            if finite and gan:
                 disc_optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        if adversarial:
-            disc_optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # the schedule follows the global step, before disc_start too
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                disc_scheduler.step()
-        step += 1
-        progress.update(1)
-        if finite:
-            running.add({**step_values, "grad_norm": grad_norm.detach().float()})
-            if ema is not None:
-                ema.update(model, step)
-        guard.record(finite, step, logger)
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            if adversarial:
+                disc_optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # the schedule follows the global step, before disc_start too
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    disc_scheduler.step()
+            step += 1
+            if finite:
+                running.add({**step_values, "grad_norm": grad_norm.detach().float()})
+                if ema is not None:
+                    ema.update(model, step)
+            guard.record(finite, step, logger)
 
-        # Log averages over the steps since the last log (the only host syncs for logging).
-        if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
-            values = {f"train/{k}": v for k, v in running.pop_means().items()}
-            values.update({"train/lr": lr_scheduler.get_last_lr()[0],
-                           "train/nonfinite_steps": state["nonfinite_steps"]})
-            metrics_log.log(values, step)
-            progress.set_postfix(rec=f"{values.get('train/rec_loss', float('nan')):.4f}")
+            # Log averages over the steps since the last log (the only host syncs for logging).
+            if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
+                values = {f"train/{k}": v for k, v in running.pop_means().items()}
+                values.update({"train/lr": lr_scheduler.get_last_lr()[0],
+                               "train/nonfinite_steps": state["nonfinite_steps"]})
+                metrics_log.log(values, step)
+                progress.set_values({k: values[k] for k in ("train/rec_loss", "train/lr") if k in values})
 
-        if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
-            validate(step, *validation)
+            if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
+                validate(step, *validation)
 
-        if checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer, lr_scheduler, ema,
-                             state, running, extra):
-            break
+            stop_reason = checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer,
+                                            lr_scheduler, ema, state, running, stop, extra)
+            progress.update(step)
     progress.close()
-    if stopped_before_the_end(step, cfg, model, logger, metrics_log):
+    if stopped_before_the_end(step, cfg, model, logger, metrics_log, stop_reason):
         return
 
-    # Export the EMA weights in diffusers format.
+    # Export the EMA weights in diffusers format (on every rank: sharded weights are gathered, rank 0 writes).
     with ema.swapped(model) if ema else nullcontext():
-        if accelerator.is_main_process:
-            export_autoencoder(run_dir / "final", accelerator.unwrap_model(model).vae, description)
-    accelerator.wait_for_everyone()
+        export_autoencoder(run_dir / "final", accelerator.unwrap_model(model).vae, description)
     metrics_log.close()
     logger.info("done: %s", run_dir / "final")
 

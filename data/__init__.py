@@ -51,8 +51,11 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
 
     # Split.
     split_path = Path(run_dir) / "split.json"
+    # What a split is made from; its seed is recorded too but not compared, so a hand-edited split.json wins.
+    settings = {"data.val_fraction": cfg.val_fraction, "data.test_fraction": cfg.test_fraction,
+                "data.slab_gap": cfg.slab_gap}
     if split_path.is_file():
-        split = read_split(split_path, dataset.item_ids)
+        split = read_split(split_path, dataset.item_ids, settings)
         source = str(split_path)
         logger.info("reusing the %s split in %s", split["unit"], split_path)
     else:
@@ -61,6 +64,7 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
         else:
             split = make_split(dataset.item_ids, cfg.val_fraction, cfg.test_fraction, cfg.slab_gap, seed)
         source = "data.val_fraction / data.test_fraction"
+        split["settings"] = settings
         if is_main_process:
             write_split(split_path, split)
     items = items_of_split(split, dataset.item_ids)

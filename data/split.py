@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -90,8 +90,13 @@ def make_split(item_ids: Sequence[str], val_fraction: float, test_fraction: floa
     return split
 
 
-def read_split(path: Path, item_ids: Sequence[str]) -> dict:
-    """Read split.json and check that every subject or item it names exists in the dataset."""
+def read_split(path: Path, item_ids: Sequence[str], settings: Optional[dict] = None) -> dict:
+    """Read split.json and check that it still describes this data and these split settings.
+
+    Every subject or item it names must exist, every one of the data must be listed, and the settings it was
+    made with (recorded under "settings") must equal `settings`: a split that changes within a run would
+    move held-out data into training.
+    """
     try:
         split = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -111,6 +116,15 @@ def read_split(path: Path, item_ids: Sequence[str]) -> dict:
             if entry in seen:
                 raise ConfigError(f"{split['unit']} '{entry}' is in both '{seen[entry]}' and '{name}' in {path}")
             seen[entry] = name
+    unlisted = sorted(known - set(seen))
+    if unlisted:
+        raise ConfigError(f"the data has {len(unlisted)} {split['unit']}(s) that {path} does not list (e.g. "
+                          f"'{unlisted[0]}'): the data changed since the split was made; use a new run.output_dir")
+    for key, value in (settings or {}).items():
+        made_with = split.get("settings", {}).get(key, value)
+        if made_with != value:
+            raise ConfigError(f"{path} was made with {key}={made_with} but the config says {value}: set it back, "
+                              "or use a new run.output_dir (a run keeps its split)")
     return split
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -20,11 +19,10 @@ from torch import Tensor, nn
 
 from models.losses import kl_divergence, vq_loss
 from utils import metrics
-from utils.checkpoint import TEMP_PREFIX
 from utils.config import ConfigError, VAEConfig
 from utils.distributed import gather_objects
 from utils.evaluation import sharded_batches
-from utils.export import replace_dir
+from utils.export import gather_full_state, save_diffusers_model, write_on_rank0
 
 AUTOENCODER_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
 METADATA_FILE = "autoencoder.yaml"  # written beside vae/ in an exported final/ folder
@@ -109,31 +107,33 @@ class TrainableAutoencoder(nn.Module):
 
 def export_autoencoder(folder: Path, vae: Union[AutoencoderKL, VQModel], description: dict,
                        metric: Optional[dict] = None) -> Path:
-    """Write vae/ (diffusers save_pretrained) and autoencoder.yaml (and metric.json for a best-<metric> folder),
-    atomically: `AutoencoderKL.from_pretrained(folder, subfolder="vae")` (or VQModel) loads it.
+    """Write vae/ (diffusers format) and autoencoder.yaml (and metric.json for a best-<metric> folder),
+    atomically: `AutoencoderKL.from_pretrained(folder, subfolder="vae")` (or VQModel) loads it. Every rank calls
+    it: the weights are gathered from all of them and rank 0 writes.
 
     Args:
-        vae: the bare diffusers model (unwrapped, EMA weights already swapped in).
+        vae: the bare diffusers model (unwrapped, possibly sharded, EMA weights already swapped in).
         description: inputs, normalisation, downsampling: what a user needs to feed the model.
     """
-    tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    (tmp / METADATA_FILE).write_text(yaml.safe_dump(description, sort_keys=False))
-    if metric is not None:
-        (tmp / "metric.json").write_text(json.dumps(metric, indent=2))
-    replace_dir(tmp, folder)
-    return folder
+    state = gather_full_state(vae)
+
+    def write(tmp: Path) -> None:
+        save_diffusers_model(vae, state, tmp / "vae")
+        (tmp / METADATA_FILE).write_text(yaml.safe_dump(description, sort_keys=False))
+        if metric is not None:
+            (tmp / "metric.json").write_text(json.dumps(metric, indent=2))
+
+    return write_on_rank0(folder, write)
 
 
 def describe_autoencoder(vae: Union[AutoencoderKL, VQModel], inputs: dict[str, int], dataset,
                          image_size: int) -> dict:
-    """autoencoder.yaml: what a user (and encode_latents.py) needs to feed the model.
+    """autoencoder.yaml: what a user (and encode_latents.py) needs to feed the model, and the items it was
+    trained on (encode_latents.py refuses a cache that holds any of them out).
 
     Args:
         inputs: input name -> channels, in the order they are concatenated.
-        dataset: the training dataset (its `normalization` record and `data_range`).
+        dataset: the training dataset (its `normalization` record, `data_range` and `item_ids`).
     """
     factor, channels = downsample_factor_of(vae), vae.config.latent_channels
     return {"kind": "vq" if isinstance(vae, VQModel) else "kl", "class": type(vae).__name__,
@@ -143,7 +143,8 @@ def describe_autoencoder(vae: Union[AutoencoderKL, VQModel], inputs: dict[str, i
             "downsample_factor": factor, "latent_channels": channels,
             "latent_shape": [channels, image_size // factor, image_size // factor],
             "latents": "raw (KL posterior mean / VQ pre-quantisation latent); the scale and shift for diffusion "
-                       "live in the latent cache manifest"}
+                       "live in the latent cache manifest",
+            "train_items": list(dataset.item_ids)}
 
 
 @torch.no_grad()

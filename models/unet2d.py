@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from utils.config import ConfigError, ModelConfig
@@ -91,15 +91,8 @@ def build_denoiser(cfg: ModelConfig, task) -> Denoiser:
 VECTOR_EMBEDDING_FILE = "vector_embedding.safetensors"
 
 
-def save_denoiser(denoiser: Denoiser, folder: Path) -> None:
-    """`unet/` in diffusers format, plus the vector-condition embedding table when there is one."""
-    denoiser.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    if denoiser.vector_embedding is not None:
-        save_file({"weight": denoiser.vector_embedding.detach().cpu().contiguous()}, folder / VECTOR_EMBEDDING_FILE)
-
-
 def load_denoiser(folder: Path) -> Denoiser:
-    """Inverse of `save_denoiser` (final/ or checkpoints/best-<metric>/)."""
+    """An exported denoiser (final/ or checkpoints/best-<metric>/, written by utils/export.py)."""
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
     embedding = folder / VECTOR_EMBEDDING_FILE
     if not embedding.is_file():

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import evaluate
 import train_diffusion
-from tests.runs import read_metrics, run_script, tiny_args
+from tests import feature_sharding_probe
+from tests.runs import REPO, read_metrics, run_script, tiny_args
 
 EVAL = ["eval.num_items=6", "eval.batch_size=4", "eval.sampling_steps=3", "eval.num_figures=3"]
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -111,6 +115,32 @@ def test_fid_and_kid_with_a_local_feature_network(trained_run, tmp_path):
     report = json.loads((trained_run / "eval" / "report.json").read_text())
     assert report["metrics"]["fid"]["value"] >= 0 and report["metrics"]["fid"]["n"] == 6
     assert np.isfinite(report["metrics"]["kid"]["mean"])
+
+
+def test_num_items_are_spread_over_the_held_out_set_and_clamped_to_the_data_range(trained_run):
+    evaluate.main(["--run", str(trained_run), "eval.num_items=3", "eval.sampling_steps=3"])
+    val_ids = json.loads((trained_run / "split.json").read_text())["val"]
+    ids = [r["item_id"] for r in read_per_item(trained_run / "eval" / "per_item.csv")]
+    # Not the leading slices of the held-out slab: its first and last slice, and one between.
+    assert len(set(ids)) == 3 and ids[0] == val_ids[0] and ids[-1] == val_ids[-1] and ids[1] in val_ids[1:-1]
+    for item_id in ids:
+        generated = np.load(trained_run / "eval" / "samples" / f"{item_id.replace('/', '__')}.npz")["generated"]
+        assert -1 <= generated.min() and generated.max() <= 1  # a barely trained model overshoots [-1, 1]
+
+
+def test_fid_features_are_computed_once_across_processes(trained_run, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
+               str(REPO / "tests" / "feature_sharding_probe.py"), str(trained_run), str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    alone, seen = feature_sharding_probe.distribution_scores(trained_run, 0, 1)
+    assert ranks[0]["seen"] + ranks[1]["seen"] == seen and 0 < ranks[0]["seen"] < seen  # each image once
+    for report in ranks:
+        assert report["scores"]["fid"]["n"] == alone["fid"]["n"] and report["scores"]["kid"]["n"] == alone["kid"]["n"]
+        assert abs(report["scores"]["fid"]["value"] - alone["fid"]["value"]) < 1e-6 * max(1.0, alone["fid"]["value"])
+        assert abs(report["scores"]["kid"]["mean"] - alone["kid"]["mean"]) < 1e-6
 
 
 def test_unconditional_items_are_seeds(tmp_path, demo_root):

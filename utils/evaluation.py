@@ -79,6 +79,7 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
 
     Images: SSIM, PSNR, MAE, MSE, and the same inside/outside `region_mask` when one of the scored size is
     available; masks: Dice per label; with several samples per item: diversity (mean pairwise MS-SSIM).
+    With several fields the names carry the field (`ssim_t1`) and `ssim` is the mean over the image fields.
     Items without a reference (unconditional tasks) get diversity only.
     """
     scores = {}
@@ -103,6 +104,9 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
         if len(item["generated"]) > 1 and not f.is_mask:
             samples = torch.stack([torch.from_numpy(g[f.name]).float() for g in item["generated"]])
             scores[f"diversity_msssim{suffix}"] = float(metrics.pairwise_ms_ssim(samples, data_range))
+    per_image = [scores[f"ssim_{f.name}"] for f in fields if f"ssim_{f.name}" in scores]
+    if per_image:  # several scored fields: one SSIM over the images too, which selects best-val_ssim
+        scores["ssim"] = float(np.mean(per_image))
     return scores
 
 
@@ -160,6 +164,8 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
             decoded = task.decode(x0.float())  # images float32, masks integer labels
             if to_pixels is not None:
                 decoded.update(to_pixels(decoded))
+            # Scored inside the data range [-1, 1], as decoded latents are: overshoot is no intensity.
+            decoded.update({f.name: decoded[f.name].clamp(-1, 1) for f in scored if not f.is_mask})
             samples.append({k: v.cpu().numpy() for k, v in decoded.items()})
         for j in range(real):
             results.append({

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.config import ConfigError
+from utils.distributed import gather_objects, shard
 
 # Images are normalised to [-1, 1] (MRI percentile clip, CT HU window), so the width of the intensity range,
 # which PSNR and SSIM need as `data_range`, is 2.
@@ -402,6 +403,21 @@ def kid(feats1: ArrayLike, feats2: ArrayLike, subsets: int = 100, subset_size: i
         for _ in range(subsets)])
     std = float(values.std()) if subsets > 1 else 0.0
     return float(values.mean()), std
+
+
+def sharded_features(extractor: Callable[[Tensor], Tensor], image: Callable[[int], Tensor], count: int, rank: int,
+                     world_size: int, batch_size: int = 64) -> Tensor:
+    """Features (count, F) of images 0 .. count - 1, each extracted by one process only, gathered in order.
+
+    Every process must call it (the features are gathered across processes).
+
+    Args:
+        image: index -> image (C, H, W) in [-1, 1]; called only for this process's share.
+    """
+    mine = shard(count, rank, world_size)
+    parts = [extractor(torch.stack([image(i) for i in mine[b:b + batch_size]])).cpu()
+             for b in range(0, len(mine), batch_size)]
+    return torch.cat([f for part in gather_objects(parts) for f in part])
 
 
 class FeatureExtractor:
