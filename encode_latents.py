@@ -21,7 +21,8 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from data import build_datasets
-from data.latent_cache import FORMAT_VERSION, MANIFEST, masks_at_latent_size, read_shard_tensor, shard_name
+from data.latent_cache import (FORMAT_VERSION, MANIFEST, check_held_out, masks_at_latent_size, read_shard_tensor,
+                                shard_name)
 from diffusion.task import fields_from_config
 from models.autoencoder import FrozenAutoencoder
 from utils import config as config_lib
@@ -100,6 +101,9 @@ def main(argv=None):
     missing = [n for n in inputs if n not in datasets["train"][0]]
     if missing:
         raise ConfigError(f"the autoencoder's inputs {missing} are not in the source data {source.root}")
+    check_held_out(autoencoder.metadata.get("train_items"),
+                   {name: d.item_ids for name, d in datasets.items() if name != "train"}, cfg.latent.autoencoder,
+                   cache_dir)
     shards = plan_shards(datasets, cfg.latent.shard_size)
     identity = {"encoder": autoencoder.identity, "source": dataclasses.asdict(source), "inputs": inputs,
                 "shard_size": cfg.latent.shard_size, "items": [s["items"] for s in shards]}

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from diffusion.task import Field
 from utils.config import ConfigError
+from utils.logging import get_logger
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -27,6 +28,29 @@ FORMAT_VERSION = 1
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def check_held_out(train_items: Optional[list[str]], held_out: dict[str, list[str]], autoencoder: str,
+                   cache_dir: Path) -> None:
+    """Refuse held-out items that the autoencoder was trained on: their reconstructions would flatter every
+    held-out score of a model trained on the cache.
+
+    Args:
+        train_items: the autoencoder's training item ids (its autoencoder.yaml), None when it does not say.
+        held_out: split name -> item ids of the cache's held-out splits.
+    """
+    if train_items is None:
+        get_logger().warning("the autoencoder %s does not record its training items (not exported by "
+                             "train_vae.py?): cannot check that the cache's held-out items are unseen", autoencoder)
+        return
+    trained = set(train_items)
+    for split, items in held_out.items():
+        leaked = [item for item in items if item in trained]
+        if leaked:
+            raise ConfigError(f"{len(leaked)} of the {len(items)} {split} items of the latent cache (e.g. "
+                              f"'{leaked[0]}') were training items of the autoencoder {autoencoder}: encode with "
+                              "its run's split (copy the split.json of that run over "
+                              f"{Path(cache_dir) / 'split.json'})")
 
 
 def masks_at_latent_size(labels: torch.Tensor, num_classes: int, factor: int) -> torch.Tensor:

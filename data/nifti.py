@@ -24,6 +24,7 @@ from utils.logging import get_logger
 
 AXIS_LETTERS = "xyz"
 DATA_RANGE = 2.0  # images live in [-1, 1]
+AFFINE_TOLERANCE_MM = 1e-3  # float32 header round-off, far below any voxel size
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # What nibabel, gzip and zlib raise for unreadable, truncated or corrupt files (header or data).
 READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError)
@@ -128,7 +129,7 @@ def discover_subjects(cfg: DataConfig) -> list[Subject]:
 
 
 def load_volume(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI volume reoriented to RAS; returns (float32 array, voxel sizes in mm).
+    """Read a 3D NIfTI volume reoriented to RAS; returns (float32 array, its RAS voxel-to-mm affine).
 
     Args:
         path: the file.
@@ -150,7 +151,7 @@ def load_volume(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"cannot read NIfTI file {name}: {message}") from None
     if not np.isfinite(volume).all():
         raise ConfigError(f"{int((~np.isfinite(volume)).sum())} voxels are NaN or Inf in {name}")
-    return volume, nib.affines.voxel_sizes(image.affine).astype(np.float64)
+    return volume, image.affine.astype(np.float64)
 
 
 def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch.Tensor:
@@ -337,19 +338,26 @@ def _load_subject(subject: Subject, cfg: DataConfig, root: Path
     clip_values: dict[str, list[float]] = {}
     native_shape: tuple[int, ...] = ()
     target_shape: tuple[int, ...] = ()
+    native_affine = np.eye(4)
     for name in list(cfg.images) + list(cfg.masks):
         is_mask = name in cfg.masks
         display = _display(subject.files[name], root)
-        volume, voxel_sizes = load_volume(subject.files[name], display)
+        volume, affine = load_volume(subject.files[name], display)
         if name == reference_name:
-            native_shape = volume.shape
+            native_shape, native_affine = volume.shape, affine
             target_shape = native_shape
             if cfg.spacing is not None:
                 target_shape = tuple(max(1, round(n * v / s)) for n, v, s in
-                                     zip(native_shape, voxel_sizes, cfg.spacing))
+                                     zip(native_shape, nib.affines.voxel_sizes(affine), cfg.spacing))
         elif volume.shape != native_shape:
             kind = "mask" if is_mask else f"'{name}'"
             raise ConfigError(f"{kind} shape {volume.shape} != image shape {native_shape} in {display}")
+        elif not np.allclose(affine, native_affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+            # Same shape on another grid (shifted, rotated, other spacing): voxels would pair up wrongly.
+            difference = float(np.abs(affine - native_affine).max())
+            raise ConfigError(f"affine of {display} differs from that of "
+                              f"{_display(subject.files[reference_name], root)} by up to {difference:.4g} mm "
+                              "after reorientation to RAS: resample both onto one grid")
         if is_mask:
             volume = check_mask(volume, cfg.mask_classes.get(name), display)
         else:

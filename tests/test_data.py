@@ -311,6 +311,15 @@ def case_mask_shape(root, small):
     return make_cfg(root), re.escape("mask shape (48, 56, 19) != image shape (48, 56, 20) in sub-007/seg.nii.gz")
 
 
+def case_mask_affine(root, small):
+    t1, seg, affine = small
+    shifted = affine.copy()
+    shifted[:3, 3] += [2.0, 0.0, 0.0]  # the same shape, one voxel to the side
+    save(root / "sub-01" / "t1.nii.gz", t1, affine)
+    save(root / "sub-01" / "seg.nii.gz", seg, shifted)
+    return make_cfg(root), r"affine of sub-01/seg\.nii\.gz differs from that of sub-01/t1\.nii\.gz by up to 2 mm"
+
+
 def case_4d(root, small):
     (root / "sub-01").mkdir(parents=True)
     shutil.copy(NIBABEL_DATA / "example4d.nii.gz", root / "sub-01" / "t1.nii.gz")
@@ -417,6 +426,21 @@ def test_lps_and_permuted_affines_match_ras(tmp_path, small):
         cfg = dict(min_foreground=0.1)
         assert_same_tensors(load_slice_dataset(make_cfg(folder, **cfg)),
                             load_slice_dataset(make_cfg(tmp_path / "ras", **cfg)))
+
+
+def test_mask_in_another_orientation_on_the_same_grid_is_accepted(tmp_path, small):
+    """Affines are compared after reorientation to RAS, with a tolerance for float32 header round-off."""
+    t1, seg, affine = small
+    write_subject(tmp_path / "ras", "s1", t1, seg, affine)
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                nib.orientations.axcodes2ornt(("L", "P", "S")))
+    mask = nib.Nifti1Image(seg, affine).as_reoriented(transform)
+    jittered = mask.affine.copy()
+    jittered[:3, 3] += 1e-5
+    save(tmp_path / "mixed" / "s1" / "t1.nii", t1, affine)
+    save(tmp_path / "mixed" / "s1" / "seg.nii", np.asarray(mask.dataobj), jittered)
+    assert_same_tensors(load_slice_dataset(make_cfg(tmp_path / "mixed")),
+                        load_slice_dataset(make_cfg(tmp_path / "ras")))
 
 
 def test_big_endian_float_and_int16_ct(tmp_path, small):

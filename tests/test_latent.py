@@ -3,12 +3,15 @@ on the cache -> evaluate.py in pixel space; plus the cache's refusals and resuma
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, UNet2DModel
 from safetensors.torch import load_file, save_file
 
@@ -17,9 +20,10 @@ import evaluate
 import train_diffusion
 import train_vae
 from data import build_datasets
-from data.latent_cache import LatentCacheDataset
+from data.latent_cache import LatentCacheDataset, check_held_out
 from tests.runs import REPO, read_metrics, run_script
-from utils.config import resolve
+from utils.config import ConfigError, resolve
+from utils.logging import get_logger
 
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -152,3 +156,39 @@ def test_cache_dir_of_other_data_is_refused(chain, single_cache, tmp_path):
     shutil.copytree(single_cache, cache)
     result = run_script("encode_latents.py", [*chain["ldm"], f"latent.cache_dir={cache}", "data.tile_stride=16"])
     assert result.returncode == 2 and "other data" in result.stderr
+
+
+def test_autoencoder_export_records_its_training_items(chain):
+    description = yaml.safe_load((chain["vae"] / "final" / "autoencoder.yaml").read_text())
+    split = json.loads((chain["vae"] / "split.json").read_text())
+    items = description["train_items"]
+    assert split["unit"] == "subject" and len(items) == len(set(items)) > 0
+    assert {item.rsplit("/", 1)[0] for item in items} == set(split["train"])
+
+
+def test_cache_holding_out_training_items_of_the_autoencoder_is_refused(chain, tmp_path):
+    """An image the autoencoder trained on, held out by the cache's split, stops encoding before any shard."""
+    split = json.loads((chain["vae"] / "split.json").read_text())
+    seen = next(image for image in split["train"] if image != "ihc_extra")  # a labelled image
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    swapped = {**split, "train": sorted(split["val"] + [i for i in split["train"] if i != seen]), "val": [seen]}
+    (cache / "split.json").write_text(json.dumps(swapped))
+    folder = re.escape(str(chain["vae"] / "final"))
+    with pytest.raises(ConfigError, match=rf"\d+ of the \d+ val items of the latent cache \(e\.g\. "
+                                          rf"'{seen}/y\d+_x\d+'\) were training items of the autoencoder {folder}"):
+        encode(chain, cache)
+    assert not list(cache.glob("shard-*"))
+
+
+def test_autoencoder_without_recorded_training_items_is_warned_about(tmp_path):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    get_logger().addHandler(handler)
+    try:
+        check_held_out(None, {"val": ["a/y00000_x00000"]}, "external/vae", tmp_path)
+        check_held_out(["a/y00000_x00000"], {"val": ["b/y00000_x00000"]}, "exported/final", tmp_path)
+    finally:
+        get_logger().removeHandler(handler)
+    assert [(r.levelno, "external/vae" in r.getMessage()) for r in records] == [(logging.WARNING, True)]

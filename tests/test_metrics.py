@@ -313,13 +313,19 @@ class TinyFeatureNet(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(images)), 1)  # (B, 8, 1, 1)
 
 
-def test_feature_extractor_loads_local_torchscript_and_refuses_garbage(tmp_path, camera):
+def save_feature_net(path) -> TinyFeatureNet:
+    """A seeded TinyFeatureNet written as TorchScript, the format FeatureExtractor loads."""
     torch.manual_seed(0)
     net = TinyFeatureNet().eval()
-    path = tmp_path / "features.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(net), str(path))
+    return net
+
+
+def test_feature_extractor_loads_local_torchscript_and_refuses_garbage(tmp_path, camera):
+    path = tmp_path / "features.pt"
+    net = save_feature_net(path)
     extractor = FeatureExtractor(path, channels=3)
     images = grey_batch(camera[:64, :64], camera[100:164, 100:164])
     features = extractor(images)
@@ -332,6 +338,45 @@ def test_feature_extractor_loads_local_torchscript_and_refuses_garbage(tmp_path,
         FeatureExtractor(garbage)
     with pytest.raises(ConfigError, match="not found: .*missing.pt"):
         FeatureExtractor(tmp_path / "missing.pt")
+
+
+def numpy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """FID as the reference implementations compute it: scipy's sqrtm of the covariance product."""
+    from scipy.linalg import sqrtm
+
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cross = sqrtm(sigma_a @ sigma_b).real
+    return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(sigma_a + sigma_b - 2 * cross))
+
+
+def numpy_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / F + 1)^3, written out as sums over distinct pairs."""
+    dim, m, n = x.shape[1], len(x), len(y)
+    k_xx, k_yy, k_xy = ((p @ q.T / dim + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    return float((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+                 - 2 * k_xy.sum() / (m * n))
+
+
+def test_fid_and_kid_of_a_local_network_match_numpy(tmp_path, camera):
+    save_feature_net(tmp_path / "features.pt")
+    extractor = FeatureExtractor(tmp_path / "features.pt", channels=3)
+
+    def features(image: np.ndarray) -> np.ndarray:  # of 42 crops of 32 x 32 pixels
+        crops = [image[r:r + 32, c:c + 32] for r in range(0, 448, 64) for c in range(0, 384, 64)]
+        return extractor(grey_batch(*crops)).double().numpy()
+
+    real, fake = features(camera), features(to_unit_range(data.moon()))
+    assert real.shape == fake.shape == (42, 8)
+    fid = fid_from_features(real, fake)
+    assert fid > 1e-3 and fid == pytest.approx(numpy_fid(real, fake), rel=1e-6)
+    # KID over the whole sets is one MMD^2 (it does not depend on the order of the items).
+    assert kid(real, fake, subsets=1, subset_size=1000) == pytest.approx((numpy_mmd2(real, fake), 0.0), rel=1e-9)
+    # Over subsets: the same seeded draws, then their mean and (sample) standard deviation.
+    generator = torch.Generator().manual_seed(3)
+    values = [numpy_mmd2(real[torch.randperm(42, generator=generator)[:20].numpy()],
+                         fake[torch.randperm(42, generator=generator)[:20].numpy()]) for _ in range(5)]
+    assert kid(real, fake, subsets=5, subset_size=20, seed=3) == pytest.approx(
+        (np.mean(values), np.std(values, ddof=1)), rel=1e-9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -83,3 +83,29 @@ def test_task_rejects_unknown_names():
         Task(TaskConfig(targets=["t1"]), FIELDS, (8, 8))
     with pytest.raises(ConfigError, match="task.cond_drop_prob"):
         vector_task(cond_drop_prob=1.0)
+
+
+def test_roi_weight_and_loss_weights_give_the_hand_computed_per_sample_loss():
+    # Sample 0: ROI = its top row (4 of 16 pixels), image loss 3 there and 1 elsewhere, mask loss 2 everywhere.
+    # Sample 1: no ROI pixel, image loss 1, mask loss 2.
+    labels = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    labels[0, 0, 0] = 2
+    elementwise = torch.cat([torch.ones(2, 3, 4, 4), torch.full((2, 3, 4, 4), 2.0)], dim=1)  # image, mask
+    elementwise[0, :3, 0] = 3.0
+    batch = {"mask": labels, "item_id": ["a", "b"]}
+
+    def reduce(roi_weight):
+        task = Task(TaskConfig(targets=["image", "mask"], roi_mask="mask", roi_weight=roi_weight,
+                               loss_weights={"mask": 0.5}), FIELDS, (4, 4))
+        return task.reduce(elementwise, batch)
+
+    # image (4 * 3 * 5 + 12 * 1) / 16 = 4.5, mask (4 * 2 * 5 + 12 * 2) / 16 = 4, total 4.5 + 0.5 * 4.
+    weighted, diagnostics = reduce(5.0)
+    assert torch.allclose(weighted, torch.tensor([4.5 + 0.5 * 4.0, 1.0 + 0.5 * 2.0]))
+    # Unweighted: image (4 * 3 + 12) / 16 = 1.5, mask 2.
+    plain, _ = reduce(1.0)
+    assert torch.allclose(plain, torch.tensor([1.5 + 0.5 * 2.0, 1.0 + 0.5 * 2.0]))
+    # Diagnostics stay unweighted: image loss 3 on the 4 ROI pixels, 1 on the 28 others.
+    assert torch.isclose(diagnostics["loss_image_in_mask"], torch.tensor(3.0))
+    assert torch.isclose(diagnostics["loss_image_out_mask"], torch.tensor(1.0))
+    assert torch.isclose(diagnostics["loss_image"], torch.tensor((12 * 3 + 84 * 1) / 96))  # all 96 values

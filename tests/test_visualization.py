@@ -10,6 +10,9 @@ from skimage import data
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
+from matplotlib import colormaps
+
+from utils import visualization
 from utils.visualization import comparison_grid, denoising_strip, image_grid, metric_curves, overlay_contours
 
 
@@ -22,6 +25,33 @@ def png_size(path: Path) -> tuple[int, int]:
     with Image.open(path) as image:
         image.load()  # decodes every pixel: catches truncated files that verify() lets through
         return image.size
+
+
+def png_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The matplotlib figures that the functions save, in order, to check what they draw."""
+    drawn = []
+    save = visualization._save
+
+    def capture(figure, path):
+        drawn.append(figure)
+        return save(figure, path)
+
+    monkeypatch.setattr(visualization, "_save", capture)
+    return drawn
+
+
+def pixel_at(pixels: np.ndarray, ax, shape: tuple[int, int], row: int, col: int) -> np.ndarray:
+    """The saved PNG's RGB at the centre of image pixel (row, col) of the image drawn in `ax`."""
+    box = ax.get_window_extent()  # display pixels, origin bottom left; the PNG is saved at the figure's dpi
+    x = box.x0 + (col + 0.5) / shape[1] * box.width
+    y = box.y1 - (row + 0.5) / shape[0] * box.height
+    return pixels[int(pixels.shape[0] - y), int(x)]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +81,35 @@ def test_comparison_grid_columns_rows_and_error(tmp_path, phantom, phantom_label
     only_generated = comparison_grid([dict(condition=phantom_labels, generated=generated)], tmp_path / "g.png")
     width_g, height_g = png_size(only_generated)
     assert width_g < width - 300 and height_g < height - 150
+
+
+def test_comparison_grid_error_panel_draws_the_absolute_difference(tmp_path, phantom, phantom_labels, figures):
+    generated = phantom.copy()
+    generated[40:80, 40:80] = np.clip(phantom[40:80, 40:80] - 0.3, -1, 1)  # darker in one block only
+    shifted = np.clip(phantom + 0.2, -1, 1)
+    rows = [dict(condition=phantom_labels, generated=generated, reference=phantom),
+            dict(condition=phantom_labels, generated=shifted, reference=phantom)]
+    pixels = png_pixels(comparison_grid(rows, tmp_path / "grid.png"))
+    axes = np.array(figures[0].axes[:8]).reshape(2, 4)  # the colour bars' axes come after the panels
+    assert [ax.get_title() for ax in axes[0]] == ["condition", "generated", "reference", "|error|"]
+    errors = [np.abs(generated - phantom), np.abs(shifted - phantom)]
+    largest = max(e.max() for e in errors)
+    for ax, error in zip(axes[:, 3], errors):
+        image = ax.get_images()[0]
+        np.testing.assert_allclose(image.get_array(), error)
+        assert image.get_clim() == pytest.approx((0, largest))  # one scale for all rows
+    np.testing.assert_allclose(axes[0, 1].get_images()[0].get_array(), generated)
+
+    # In the PNG, the error panel is magma(|error| / largest): bright in the wrong block, dark elsewhere.
+    magma = colormaps["magma"]
+    for row, col in [(60, 60), (50, 75), (10, 10), (100, 64)]:
+        expected = np.round(np.array(magma(errors[0][row, col] / largest)[:3]) * 255)
+        np.testing.assert_allclose(pixel_at(pixels, axes[0, 3], phantom.shape, row, col), expected, atol=3)
+    inside = pixel_at(pixels, axes[0, 3], phantom.shape, 60, 60)
+    outside = pixel_at(pixels, axes[0, 3], phantom.shape, 10, 10)
+    assert inside.sum() > outside.sum() + 150
+    grey = np.round((generated[60, 60] + 1) / 2 * 255)
+    np.testing.assert_allclose(pixel_at(pixels, axes[0, 1], phantom.shape, 60, 60), [grey] * 3, atol=2)
 
 
 def test_comparison_grid_rgb_and_bad_titles(tmp_path):
@@ -112,6 +171,36 @@ def test_metric_curves_from_long_format_csv(tmp_path):
     wrong.write_text("step,loss\n1,0.5\n")
     with pytest.raises(ValueError, match="wrong.csv lacks columns"):
         metric_curves(wrong, tmp_path / "wrong.png")
+
+
+def test_metric_curves_plot_each_series_in_step_order(tmp_path, figures):
+    rng = np.random.default_rng(0)
+    steps = rng.permutation(np.arange(0, 300, 10)).tolist()  # rows out of order, as after a resume
+    loss = {s: 10.0 ** (-s / 100) for s in steps}  # three decades: log axis
+    lr = {s: 1e-4 * (1 + s / 300) for s in steps}
+    ssim = {0: 0.2, 100: 0.45, 200: 0.7}
+    lines = ["step,name,value"] + [f"{s},train/loss,{loss[s]!r}" for s in loss]
+    lines += [f"{s},train/lr,{lr[s]!r}" for s in lr]
+    lines += [f"{s},val/ssim,{v}" for s, v in ssim.items()] + ["100,val/ssim,nan", "100,val/fid,inf"]
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    metric_curves(csv_path, tmp_path / "curves.png")
+    panels = figures[0].axes
+    assert [ax.get_title() for ax in panels] == ["train/loss", "train/lr", "val/ssim"]  # non-finite dropped
+    for ax, series in zip(panels, (loss, lr, ssim)):
+        (line,) = ax.get_lines()
+        np.testing.assert_allclose(line.get_xydata(), sorted(series.items()))
+    assert [ax.get_yscale() for ax in panels] == ["log", "linear", "linear"]
+
+    # Other values draw other curves, pixel for pixel.
+    before = png_pixels(tmp_path / "curves.png")
+    csv_path.write_text("\n".join(lines).replace("val/ssim,0.45", "val/ssim,0.65") + "\n")
+    after = png_pixels(metric_curves(csv_path, tmp_path / "curves.png"))
+    ssim_box = figures[1].axes[2].get_window_extent()
+    changed = np.argwhere((before != after).any(axis=-1))
+    assert len(changed) > 20
+    ys, xs = before.shape[0] - changed[:, 0], changed[:, 1]  # display coordinates
+    assert np.all((xs >= ssim_box.x0 - 5) & (xs <= ssim_box.x1 + 5) & (ys >= ssim_box.y0 - 5) & (ys <= ssim_box.y1 + 5))
 
 
 def test_image_grid_is_pixel_exact(tmp_path, phantom, phantom_labels):

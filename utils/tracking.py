@@ -23,8 +23,9 @@ def accelerate_trackers(cfg: LoggingConfig) -> list[str]:
     if unknown:
         raise ConfigError(f"logging.trackers has unknown {unknown}; choose from {list(KNOWN_TRACKERS)}")
     if "wandb" in cfg.trackers:
-        # Offline by default: runs on clusters without network, synced later with `wandb sync`.
-        os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+        # Offline by default: runs on clusters without network, synced later with `wandb sync`. The config
+        # wins over a WANDB_MODE left in the environment, so the saved config.yaml says what the run did.
+        os.environ["WANDB_MODE"] = cfg.wandb_mode
     return [t for t in cfg.trackers if t != "csv"]
 
 
