@@ -44,7 +44,7 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
         net.eval()
         if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
             # Evenly spaced over the whole held-out set (every subject), the same items at every validation.
-            indices = evenly_spaced(len(val), cfg.validation.max_batches * cfg.training.batch_size)
+            indices = evenly_spaced(len(val), cfg.validation.num_items or len(val))
             results.update(heldout_loss(strategy, net, task, val, indices, cfg.training.batch_size,
                                         cfg.run.seed, accelerator))
         if step % cfg.validation.sample_every == 0 or step == cfg.training.max_steps:

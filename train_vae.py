@@ -52,7 +52,7 @@ def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log,
     """Reconstruction PSNR/SSIM/loss on held-out slices (split across processes), a figure, the best weights."""
     val, net = datasets["val"], accelerator.unwrap_model(model)
     # Evenly spaced held-out items, the same ones at every validation; some of them go into the figure.
-    indices = evenly_spaced(len(val), cfg.validation.max_batches * cfg.training.batch_size)
+    indices = evenly_spaced(len(val), cfg.validation.num_items or len(val))
     shown = set(indices[::max(len(indices) // max(cfg.validation.num_samples, 1), 1)][:cfg.validation.num_samples])
     with ema.swapped(model) if ema else nullcontext():
         net.eval()

@@ -28,13 +28,8 @@ AUTOENCODER_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
 METADATA_FILE = "autoencoder.yaml"  # written beside vae/ in an exported final/ folder
 
 
-def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_size: int = 0) -> Union[AutoencoderKL, VQModel]:
-    """An AutoencoderKL (vae.kind=kl) or VQModel (vq) with one DownEncoderBlock2D / UpDecoderBlock2D per width.
-
-    Args:
-        in_channels: channels of the concatenated `vae.inputs`; the decoder outputs as many.
-        sample_size: the training image size (recorded in the model config; 0 = not checked).
-    """
+def check_autoencoder_config(cfg: VAEConfig, sample_size: int = 0) -> None:
+    """ConfigError naming the key for a `vae` section no autoencoder can be built from (sample_size 0: unknown)."""
     if cfg.kind not in AUTOENCODER_CLASSES:
         raise ConfigError(f"vae.kind='{cfg.kind}' is not one of {list(AUTOENCODER_CLASSES)}")
     levels = len(cfg.block_out_channels)
@@ -52,6 +47,17 @@ def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_size: int = 0) ->
     if sample_size and sample_size % factor:
         raise ConfigError(f"data.image_size={sample_size} must be divisible by {factor}, the downsampling of "
                           f"{levels} vae.block_out_channels levels")
+
+
+def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_size: int = 0) -> Union[AutoencoderKL, VQModel]:
+    """An AutoencoderKL (vae.kind=kl) or VQModel (vq) with one DownEncoderBlock2D / UpDecoderBlock2D per width.
+
+    Args:
+        in_channels: channels of the concatenated `vae.inputs`; the decoder outputs as many.
+        sample_size: the training image size (recorded in the model config; 0 = not checked).
+    """
+    check_autoencoder_config(cfg, sample_size)
+    levels = len(cfg.block_out_channels)
     common = dict(in_channels=in_channels, out_channels=in_channels,
                   down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
                   block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,

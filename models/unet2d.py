@@ -21,6 +21,26 @@ def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_s
         out_channels: target channels (the network predicts eps, x0, v or a velocity for each of them).
         vector_condition: accept a class embedding (computed by `Denoiser`) added to the time embedding.
     """
+    check_unet_config(cfg, sample_size)
+    down = tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in cfg.attention_levels)
+    up = tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(cfg.attention_levels))
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        dropout=cfg.dropout,
+        class_embed_type="identity" if vector_condition else None,
+    )
+
+
+def check_unet_config(cfg: ModelConfig, sample_size: int = 0) -> None:
+    """ConfigError naming the key for a `model` section no UNet can be built from (sample_size 0: unknown)."""
     levels = len(cfg.block_out_channels)
     if len(cfg.attention_levels) != levels:
         raise ConfigError(f"model.attention_levels has {len(cfg.attention_levels)} entries but "
@@ -37,21 +57,6 @@ def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_s
     if sample_size % 2 ** (levels - 1):
         raise ConfigError(f"data.image_size={sample_size} must be divisible by {2 ** (levels - 1)} "
                           f"for {levels} UNet levels")
-    down = tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in cfg.attention_levels)
-    up = tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(cfg.attention_levels))
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        down_block_types=down,
-        up_block_types=up,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        dropout=cfg.dropout,
-        class_embed_type="identity" if vector_condition else None,
-    )
 
 
 class Denoiser(nn.Module):

@@ -107,6 +107,11 @@ def test_config_errors_name_the_key():
     (["diffusion.strategy=rflow", "diffusion.sampler=ddim"], "diffusion.sampler"),
     (["validation.sampling_steps=1001"], "validation.sampling_steps=1001 must be <= diffusion.num_train_timesteps"),
     (["diffusion.guidance_scale=0"], "task.cond_drop_prob"),
+    (["model.attention_levels=[false,true]"], "model.attention_levels has 2 entries"),
+    (["model.block_out_channels=[32,60,128]"], "model.norm_num_groups"),
+    (["model.attention_head_dim=48"], "model.attention_head_dim=48"),
+    (["data.image_size=66"], "data.image_size=66 must be divisible by 4"),
+    (["vae.block_out_channels=[32,60]"], "vae.norm_num_groups"),
 ])
 def test_check_config_names_the_key(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -120,3 +125,15 @@ def test_check_config_accepts_what_works():
     check_config(resolve(None, ["diffusion.strategy=rflow", "validation.sampling_steps=5000"]))  # rflow: any count
     # A resume folder that is gone (rotated away) is refused when a run resumes, not when evaluate.py reads its run.
     check_config(resolve(None, ["training.resume=runs/x/checkpoints/checkpoint-500"]))
+
+
+@pytest.mark.parametrize("key, replacement", [("diffusion.sampling_steps=25", "eval.sampling_steps"),
+                                              ("validation.max_batches=4", "validation.num_items")])
+def test_removed_keys_say_what_replaced_them(tmp_path, key, replacement):
+    preset = tmp_path / "old.yaml"
+    section, rest = key.split(".")
+    name, value = rest.split("=")
+    preset.write_text(f"{section}:\n  {name}: {value}\n")
+    for source in ([preset, []], [None, [key]]):
+        with pytest.raises(ConfigError, match=rf"'{section}\.{name}' .* was removed: .*{replacement}"):
+            resolve(*source)

@@ -81,7 +81,7 @@ def test_heldout_loss_spans_the_held_out_set_and_ignores_the_batch_size(tmp_path
     train_diffusion.main(tiny_args(tmp_path / "run", demo_root, "training.max_steps=1", "validation.sample_every=100"))
     (call,) = calls
     indices, num_val = call["indices"], call["num_val"]
-    assert len(indices) == 8 < num_val  # validation.max_batches=2 batches of 4
+    assert len(indices) == 8 < num_val  # validation.num_items=8
     assert indices[0] == 0 and indices[-1] == num_val - 1, f"{indices} are not spread over {num_val} items"
     assert call["result"].keys() == call["rebatched"].keys() and "val/loss" in call["result"]
     for name, value in call["result"].items():

@@ -38,7 +38,7 @@ def chain(tmp_path_factory):
     train_vae.main(["--config", str(REPO / "configs/demo_pathology_vae.yaml"), f"run.output_dir={vae}", *common,
                     "vae.block_out_channels=[8,16,16]", "vae.disc_start=2", "vae.disc_channels=8",
                     "training.max_steps=3", "training.batch_size=4", "training.checkpoint_every=3",
-                    "validation.every=3", "validation.max_batches=1", "validation.num_samples=2"])
+                    "validation.every=3", "validation.num_items=4", "validation.num_samples=2"])
     ldm = ["--config", str(REPO / "configs/demo_pathology_ldm.yaml"), *common,
            f"latent.autoencoder={vae / 'final'}", "latent.shard_size=16", "latent.batch_size=8",
            "model.block_out_channels=[16,32]", "model.attention_head_dim=16"]

@@ -16,6 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Keys that existed once: a config that still sets one is told what replaced it.
+REMOVED_KEYS = {
+    "diffusion.sampling_steps": "it was read nowhere; validation.sampling_steps and eval.sampling_steps set the steps",
+    "validation.max_batches": "validation.num_items sets how many held-out items are scored, whatever the batch size",
+}
 RESUME_MODES = ("auto", "never", "latest")  # training.resume, else a checkpoint folder
 
 
@@ -133,7 +138,7 @@ class ValidationConfig:
     every: int = 200  # held-out loss
     sample_every: int = 500  # sampling, SSIM/PSNR, figures
     num_samples: int = 8
-    max_batches: int = 8  # held-out loss over at most this many batches
+    num_items: int = 64  # held-out items (evenly spaced) scored by the held-out loss; 0 = all
     sampling_steps: int = 25
     at_start: bool = False  # also validate the untrained model at step 0 (a baseline for the curves)
 
@@ -220,6 +225,8 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
     """Turn an OmegaConf error into one line naming the key and the closest valid one."""
     key = getattr(error, "full_key", None) or "?"
+    if key in REMOVED_KEYS:
+        return ConfigError(f"config key '{key}' in {source} was removed: {REMOVED_KEYS[key]}; delete it")
     if "not in struct" in str(error) or "Key '" in str(error) and "not" in str(error):
         valid = _all_keys(OmegaConf.to_container(OmegaConf.structured(Config)))
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)

@@ -14,8 +14,9 @@ from accelerate.utils import PrecisionType
 
 import diffusion
 from data import DEMOS, KINDS, nifti, tiles
-from models.autoencoder import AUTOENCODER_CLASSES
+from models.autoencoder import check_autoencoder_config
 from models.losses import AdversarialLoss, ReconstructionLoss
+from models.unet2d import check_unet_config
 from utils.config import RESUME_MODES, Config, ConfigError, check_choice
 from utils.tracking import KNOWN_TRACKERS
 from utils.training import LR_SCHEDULES
@@ -28,14 +29,14 @@ AT_LEAST_ONE = (
     "data.image_size", "model.layers_per_block", "model.attention_head_dim", "model.norm_num_groups",
     "training.max_steps", "training.batch_size", "training.grad_accum_steps", "training.checkpoint_every",
     "training.log_every", "training.max_consecutive_nonfinite", "validation.every", "validation.sample_every",
-    "validation.num_samples", "validation.max_batches", "validation.sampling_steps", "latent.batch_size",
+    "validation.num_samples", "validation.sampling_steps", "latent.batch_size",
     "latent.shard_size", "vae.latent_channels", "vae.layers_per_block", "vae.norm_num_groups", "vae.disc_channels",
     "vae.disc_layers", "eval.sampling_steps", "eval.samples_per_item", "eval.batch_size")
 # Where 0 means none, off or automatic.
 AT_LEAST_ZERO = (
     "run.seed", "run.num_threads", "data.num_workers", "data.slab_gap", "task.roi_weight", "diffusion.guidance_scale",
     "training.weight_decay", "training.lr_warmup_steps", "training.max_grad_norm", "training.keep_last",
-    "training.stop_after", "latent.tile_size", "latent.tile_overlap", "vae.kl_weight", "vae.codebook_weight",
+    "training.stop_after", "validation.num_items", "latent.tile_size", "latent.tile_overlap", "vae.kl_weight", "vae.codebook_weight",
     "vae.perceptual_weight", "vae.disc_start", "vae.disc_weight", "eval.num_items", "eval.data_range",
     "eval.feature_channels", "eval.num_figures")
 # Probabilities and fractions.
@@ -67,7 +68,6 @@ def check_config(cfg: Config) -> None:
     _choice(cfg, "training.lr_schedule", LR_SCHEDULES)
     _choice(cfg, "training.mixed_precision", PrecisionType.list())
     _choice(cfg, "logging.wandb_mode", WANDB_MODES)
-    _choice(cfg, "vae.kind", tuple(AUTOENCODER_CLASSES))
     _choice(cfg, "eval.split", ("val", "test"))
     for tracker in cfg.logging.trackers:
         check_choice("logging.trackers", tracker, KNOWN_TRACKERS)
@@ -102,6 +102,10 @@ def check_config(cfg: Config) -> None:
     for key in ("model.block_out_channels", "vae.block_out_channels"):
         if not _value(cfg, key) or min(_value(cfg, key)) < 1:
             raise ConfigError(f"{key}={_value(cfg, key)} must give one positive width per resolution level")
+    # The networks: widths, groups, heads and levels (the pixel-space image size too; a latent one needs the
+    # autoencoder, and the autoencoder's image size matters only to train_vae.py: both are checked at build).
+    check_unet_config(cfg.model, 0 if cfg.data.kind == LATENT_CACHE else cfg.data.image_size)
+    check_autoencoder_config(cfg.vae)
     negative = {k: w for k, w in cfg.task.loss_weights.items() if w < 0}
     if negative:
         raise ConfigError(f"task.loss_weights {negative} must be >= 0")
