@@ -89,7 +89,7 @@ def main():
             loop, wait = max(loop, speed), min(wait, waited)
     print(f"bare model step : {bare:8.1f} samples/s")
     print(f"training loop   : {loop:8.1f} samples/s")
-    print(f"loop overhead   : {100 * (bare / loop - 1):+.1f}% of the bare step time (target < 5%)")
+    print(f"loop overhead   : {100 * (bare / loop - 1):+.1f}% of the bare step time (target < 3%)")
     print(f"waiting for data: {100 * wait:.2f}% of loop time (target < 2%)")
 
 

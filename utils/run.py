@@ -90,11 +90,12 @@ def available_cores() -> int:
 
 
 def set_num_threads(requested: int, logger) -> int:
-    """torch's intra-op threads: `run.num_threads`, else OMP_NUM_THREADS, else the cores of this process that
-    other work leaves idle, shared among the processes on its node.
+    """torch's intra-op threads: `run.num_threads`, else OMP_NUM_THREADS, else the cores this process may use
+    shared among the processes on its node.
 
-    More threads than free cores makes every operator wait for descheduled threads: on a busy 2-core machine
-    two threads ran the demo's step 6x slower than one.
+    More threads than free cores makes every operator wait for descheduled threads: with other work on a 2-core
+    machine, two threads ran the demo's step 6x slower than one. The choice does not look at the machine's
+    current load, so a resumed run uses the threads of the first one (and its floating-point reductions).
     """
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if requested:
@@ -102,10 +103,9 @@ def set_num_threads(requested: int, logger) -> int:
     elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     else:
-        cores = available_cores()
-        idle = max(1, min(cores, math.floor(cores + 0.5 - os.getloadavg()[0])))  # load from other work now
-        threads = max(1, idle // processes)
-        why = f"{idle} of {cores} cores idle / {processes} process(es) on this node; run.num_threads overrides"
+        threads = max(1, available_cores() // processes)
+        why = (f"{available_cores()} cores / {processes} process(es) on this node; on a machine shared with other "
+               "work set run.num_threads lower")
     torch.set_num_threads(threads)
     logger.info("%d CPU thread(s) per process (%s)", threads, why)
     return threads
