@@ -1,14 +1,17 @@
-"""2D denoiser: a diffusers UNet2DModel built from the config, plus the conditioning wrapper."""
+"""The denoiser: a diffusers UNet2DModel built from the config (UNet3DModel for volumes), plus the conditioning
+wrapper."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 from torch import nn
 
+from models.unet3d import UNet3DModel, build_unet3d
 from utils.config import ConfigError, ModelConfig
 
 
@@ -24,7 +27,7 @@ def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_s
     check_unet_config(cfg, sample_size)
     down = tuple("AttnDownBlock2D" if attn else "DownBlock2D" for attn in cfg.attention_levels)
     up = tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(cfg.attention_levels))
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -37,6 +40,9 @@ def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_s
         dropout=cfg.dropout,
         class_embed_type="identity" if vector_condition else None,
     )
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
 
 
 def check_unet_config(cfg: ModelConfig, sample_size: int = 0) -> None:
@@ -68,7 +74,7 @@ class Denoiser(nn.Module):
     `unet`; export writes it beside `final/unet`.
     """
 
-    def __init__(self, unet: UNet2DModel, vector_dim: int = 0):
+    def __init__(self, unet: Union[UNet2DModel, UNet3DModel], vector_dim: int = 0):
         super().__init__()
         self.unet = unet
         self.vector_embedding = None
@@ -79,26 +85,40 @@ class Denoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[dict] = None) -> torch.Tensor:
         cond = cond or {}
         spatial, vector = cond.get("spatial"), cond.get("vector")
-        net_input = x_t if spatial is None else torch.cat([x_t, spatial.to(x_t.dtype)], dim=1)  # (B, C+S, H, W)
+        net_input = x_t if spatial is None else torch.cat([x_t, spatial.to(x_t.dtype)], dim=1)  # (B, C+S, [D,] H, W)
         class_labels = None
         if self.vector_embedding is not None:
             class_labels = vector.to(self.vector_embedding.dtype) @ self.vector_embedding  # (B, D_time)
-        return self.unet(net_input, t, class_labels=class_labels).sample  # (B, C, H, W)
+        return self.unet(net_input, t, class_labels=class_labels).sample  # (B, C, [D,] H, W)
 
 
 def build_denoiser(cfg: ModelConfig, task) -> Denoiser:
-    """The network a task needs: its targets plus spatial conditions in, its targets out, its vector condition."""
-    unet = build_unet2d(cfg, task.target_channels + task.condition_channels, task.target_channels,
-                        task.spatial_shape[-1], vector_condition=task.vector_dim > 0)
+    """The network a task needs: its targets plus spatial conditions in, its targets out, its vector condition.
+
+    The task's spatial shape picks the UNet: (H, W) a UNet2DModel, (D, H, W) a UNet3DModel.
+    """
+    channels = (task.target_channels + task.condition_channels, task.target_channels)
+    if len(task.spatial_shape) == 2:
+        unet = build_unet2d(cfg, *channels, task.spatial_shape[-1], vector_condition=task.vector_dim > 0)
+    elif len(task.spatial_shape) == 3:
+        unet = build_unet3d(cfg, *channels, task.spatial_shape, vector_condition=task.vector_dim > 0)
+    else:
+        raise ConfigError(f"generated arrays of shape {tuple(task.spatial_shape)}: only 2D (H, W) and 3D (D, H, W) "
+                          f"UNets exist")
     return Denoiser(unet, task.vector_dim)
 
 
 VECTOR_EMBEDDING_FILE = "vector_embedding.safetensors"
+UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet3DModel)}  # by unet/config.json's _class_name
 
 
 def load_denoiser(folder: Path) -> Denoiser:
     """An exported denoiser (final/ or checkpoints/best-<metric>/, written by utils/export.py)."""
-    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+    class_name = json.loads((folder / "unet" / "config.json").read_text())["_class_name"]
+    if class_name not in UNET_CLASSES:
+        raise ValueError(f"{folder / 'unet' / 'config.json'} holds a {class_name}; "
+                         f"expected one of {list(UNET_CLASSES)}")
+    unet = UNET_CLASSES[class_name].from_pretrained(folder, subfolder="unet")
     embedding = folder / VECTOR_EMBEDDING_FILE
     if not embedding.is_file():
         return Denoiser(unet)

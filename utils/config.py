@@ -43,6 +43,16 @@ class RunConfig:
 
 
 @dataclass
+class DegradeConfig:
+    kind: str = ""  # "" (none) | low_dose_ct | low_resolution | thick_slices: simulated from the target
+    photons: float = 1.0e4  # low_dose_ct: incident photons per detector bin and view (fewer = noisier)
+    # low_resolution: down-sampling per array axis, or one for all; thick_slices: one whole number, the thin
+    # slices averaged into each thick one along data.slice_axis
+    factor: list[float] = field(default_factory=lambda: [2.0])
+    seed: int = 0  # each item's degradation is seeded by (this, item id): the same pairs whatever run.seed
+
+
+@dataclass
 class DataConfig:
     kind: str = "nifti"  # nifti | tiles | latent_cache
     root: str = "data/demo_mni152"
@@ -65,6 +75,7 @@ class DataConfig:
     test_fraction: float = 0.0
     slab_gap: int = 4  # slices left out between slabs when a single subject is split
     num_workers: int = 0
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)  # degraded input simulated from the target
     # Pathology tiles (data.kind: tiles): <root>/<name>.png|.tif images, optional <name>_mask.png class ids.
     tile_size: int = 64  # tiles cut from each image, in pixels (then resized to image_size if different)
     tile_stride: int = 0  # 0 = tile_size (no overlap)
@@ -81,6 +92,7 @@ class ModelConfig:
     attention_head_dim: int = 32
     norm_num_groups: int = 8
     dropout: float = 0.0
+    gradient_checkpointing: bool = False  # recompute each UNet block in the backward pass: less memory, more compute
 
 
 @dataclass
