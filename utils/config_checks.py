@@ -14,6 +14,7 @@ from accelerate.utils import PrecisionType
 
 import diffusion
 from data import DEMOS, KINDS, nifti, tiles
+from data.degrade import check_degrade_config
 from models.autoencoder import check_autoencoder_config
 from models.losses import AdversarialLoss, ReconstructionLoss
 from models.unet2d import check_unet_config
@@ -121,6 +122,7 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"data.demo={cfg.data.demo} builds a {DEMOS[cfg.data.demo][1]} dataset, not "
                               f"{source_kind}; set data.kind={DEMOS[cfg.data.demo][1]} or data.demo=''")
     (tiles if source_kind == "tiles" else nifti)._check_config(cfg.data)  # the reader's own pre-read checks
+    check_degrade_config(cfg.data.degrade)
 
     # Diffusion, and the combinations known not to work.
     diffusion.check_config(cfg.diffusion)
