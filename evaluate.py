@@ -116,8 +116,6 @@ def main(argv=None):
     logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
     if not (run_dir / "split.json").is_file():
         raise ConfigError(f"run directory {run_dir} has no split.json; it is written when training starts")
-    if ev.split not in ("val", "test"):
-        raise ConfigError(f"eval.split='{ev.split}' must be val or test")
 
     # Data, task, weights, strategy.
     cfg.data.demo = ""  # evaluation reads the data the run trained on; it never builds a dataset

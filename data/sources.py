@@ -15,7 +15,7 @@ from data.latent_cache import build_cache_datasets, check_encoder
 from diffusion.task import Field, fields_from_config
 from models.autoencoder import FrozenAutoencoder, denormalise
 from utils.checkpoint import atomic_write_text
-from utils.config import Config, ConfigError
+from utils.config import Config
 
 
 @dataclass
@@ -50,8 +50,6 @@ def load_data(cfg: Config, run_dir: Path, is_main_process: bool, device) -> Data
         datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=is_main_process)
         return DataBundle(datasets, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
 
-    if not (cfg.latent.cache_dir and cfg.latent.autoencoder):
-        raise ConfigError("data.kind=latent_cache needs latent.cache_dir and latent.autoencoder")
     datasets = build_cache_datasets(Path(cfg.latent.cache_dir))
     train = datasets["train"]
     autoencoder = FrozenAutoencoder.load(cfg.latent.autoencoder, device, cfg.latent.tile_size,

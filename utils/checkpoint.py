@@ -22,11 +22,12 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from utils.config import ConfigError
+from utils.distributed import full_state_options, load_options
 from utils.logging import get_logger
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -120,17 +121,6 @@ def restore_interrupted_replacements(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _full_state_options() -> StateDictOptions:
-    # Full (unsharded) tensors on the CPU: the same files serve 1 GPU, DDP and FSDP, and any world size.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _load_options() -> StateDictOptions:
-    # A full state dict is broadcast from rank 0 under torch.distributed; a single process loads it directly.
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return StateDictOptions(full_state_dict=distributed, broadcast_from_rank0=distributed)
-
-
 def bare_module(net: torch.nn.Module) -> torch.nn.Module:
     """The module under DDP and torch.compile wrappers (FSDP2 shards in place and has no wrapper).
 
@@ -220,8 +210,8 @@ def save_checkpoint(accelerator, root: Path, step: int, model, optimizer, lr_sch
     parts = {}
     for name, (net, opt, sched) in {"": (model, optimizer, lr_scheduler), **(extra or {})}.items():
         net, opt = bare_module(net), bare_optimizer(opt)
-        parts[name] = (get_model_state_dict(net, options=_full_state_options()),
-                       get_optimizer_state_dict(net, opt, options=_full_state_options()), sched.state_dict())
+        parts[name] = (get_model_state_dict(net, options=full_state_options()),
+                       get_optimizer_state_dict(net, opt, options=full_state_options()), sched.state_dict())
     ema_state = ema.full_state_dict(bare_module(model)) if ema is not None else None
     scaler = getattr(accelerator, "scaler", None)
     final = root / f"checkpoint-{step}"
@@ -258,9 +248,9 @@ def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema,
         for name, (net, opt, sched) in {"": (model, optimizer, lr_scheduler), **(extra or {})}.items():
             net, opt = bare_module(net), bare_optimizer(opt)
             weights_file, optim_file, sched_file = _files_of(name)
-            set_model_state_dict(net, load_file(path / weights_file), options=_load_options())
+            set_model_state_dict(net, load_file(path / weights_file), options=load_options())
             optim_state = torch.load(path / optim_file, map_location="cpu", weights_only=True)
-            set_optimizer_state_dict(net, opt, optim_state, options=_load_options())
+            set_optimizer_state_dict(net, opt, optim_state, options=load_options())
             sched.load_state_dict(json.loads((path / sched_file).read_text()))
         if ema is not None:
             ema.load_full_state_dict(bare_module(model), load_file(path / "ema.safetensors"))

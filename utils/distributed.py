@@ -4,8 +4,23 @@ from __future__ import annotations
 import os
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from utils.config import ConfigError
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def full_state_options() -> StateDictOptions:
+    """Full (unsharded) tensors on the CPU: the same files serve 1 GPU, DDP and FSDP, and any world size."""
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def load_options() -> StateDictOptions:
+    """A full state dict is broadcast from rank 0 under torch.distributed; a single process loads it directly."""
+    return StateDictOptions(full_state_dict=is_distributed(), broadcast_from_rank0=is_distributed())
 
 
 def shard(num_items: int, rank: int, world_size: int) -> range:
@@ -15,7 +30,7 @@ def shard(num_items: int, rank: int, world_size: int) -> range:
 
 def gather_objects(obj) -> list:
     """Every rank's object, in rank order (a list of one item without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from utils.distributed import full_state_options, load_options
 
 
 class EMA:
@@ -42,15 +44,13 @@ class EMA:
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         with self.swapped(model):
-            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = get_model_state_dict(model, options=full_state_options())
             # On the CPU the state dict shares storage with the parameters, which the swap-out overwrites.
             return {k: v.clone() for k, v in state.items()}
 
     @torch.no_grad()
     def load_full_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Restore the average from a full state dict (as `full_state_dict` wrote it); the model is unchanged."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         with self.swapped(model):
-            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=distributed,
-                                                                        broadcast_from_rank0=distributed))
+            set_model_state_dict(model, state, options=load_options())
             self.shadow = [p.detach().clone() for p in model.parameters()]

@@ -19,27 +19,24 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from models.unet2d import VECTOR_EMBEDDING_FILE
-from utils.checkpoint import TEMP_PREFIX, _full_state_options, commit_folder
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from utils.checkpoint import TEMP_PREFIX, commit_folder
+from utils.distributed import full_state_options, is_distributed
 
 
 def gather_full_state(module) -> dict:
     """Full CPU tensors of `module` on rank 0 ({} on the others); every rank must call it (shards are gathered)."""
-    return get_model_state_dict(module, options=_full_state_options())
+    return get_model_state_dict(module, options=full_state_options())
 
 
 def write_on_rank0(folder: Path, write: Callable[[Path], None]) -> Path:
     """Rank 0 runs write(tmp) into a temporary folder that then replaces `folder`; every rank waits for it."""
-    if not _distributed() or dist.get_rank() == 0:
+    if not is_distributed() or dist.get_rank() == 0:
         tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write(tmp)
         commit_folder(tmp, folder)
-    if _distributed():
+    if is_distributed():
         dist.barrier()
     return folder
 
