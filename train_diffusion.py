@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from data import balanced_weights, random_flip
+from data import augment, balanced_weights
 from data.arrays import to_device
 from data.sources import load_data, pixel_references
 from diffusion import build_strategy
@@ -29,7 +29,7 @@ from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_r
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
                             seed_step, training_batches)
-from utils.visualization import comparison_grid, figure_array
+from utils.visualization import comparison_grid, figure_array, volume_figure
 
 # Best-model folders: metric -> whether lower is better.
 BEST_METRICS = {"val/loss": True, "val/ssim": False}
@@ -60,9 +60,14 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
                 rows = [{"condition": next(iter(it["condition"].values()), None),
                          "generated": it["generated"][0][scored[0].name],
                          "reference": it["reference"].get(scored[0].name)} for it in items]
-                png = comparison_grid([{k: figure_array(v) for k, v in r.items() if v is not None} for r in rows],
-                                      Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png",
-                                      titles=[it["item_id"] for it in items])
+                rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+                path = Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png"
+                if rows[0]["generated"].ndim == 4:  # (C, D, H, W): orthogonal views through the first volume
+                    png = volume_figure({k: v[0] for k, v in rows[0].items()}, path, "orthogonal",
+                                        title=f"{items[0]['item_id']}, step {step}")
+                else:
+                    png = comparison_grid([{k: figure_array(v) for k, v in r.items()} for r in rows], path,
+                                          titles=[it["item_id"] for it in items])
                 metrics_log.log_image("samples", png, step)
         net.train()
         metrics_log.log(results, step)
@@ -131,7 +136,7 @@ def main(argv=None):
                 data_start = time.perf_counter()
                 batch = next(batches)
                 logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
-                batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
+                batch = augment(to_device(batch, accelerator.device), cfg.data)
                 timing["data"] += time.perf_counter() - data_start
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                     x0 = task.targets_of(batch)

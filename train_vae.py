@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from data import build_datasets, random_flip
+from data import augment, build_datasets
 from data.arrays import to_device
 from models.autoencoder import (TrainableAutoencoder, build_autoencoder, describe_autoencoder, export_autoencoder,
                                 score_reconstructions)
@@ -147,7 +147,7 @@ def main(argv=None):
             for micro in range(accum):
                 batch = next(batches)
                 logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
-                batch = random_flip(to_device(batch, accelerator.device), cfg.data.flip_prob)
+                batch = augment(to_device(batch, accelerator.device), cfg.data)
                 x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, H, W)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                     loss, reconstruction, values = loss_fn(model, x, bare_disc if gan else None, last_layer)

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.demo import build_ihc_demo, build_mni152_demo
+from data.demo import build_ihc_demo, build_mni152_ct_demo, build_mni152_demo
 from data.nifti import SliceDataset, load_slice_dataset, random_flip
 from data.split import items_of_split, make_split, read_split, write_split
 from data.tiles import TileDataset, balanced_weights, load_tile_dataset, make_tile_split
+from data.volumes import SubjectVolumes, VolumeDataset, random_patches
 from utils.config import ConfigError, DataConfig
 from utils.logging import get_logger
 
 # data.kind -> what one item of the dataset is called in messages.
 KINDS = {"nifti": "slices", "tiles": "tiles"}
 # data.demo -> (builder, the data.kind it builds).
-DEMOS = {"mni152": (build_mni152_demo, "nifti"), "ihc": (build_ihc_demo, "tiles")}
+DEMOS = {"mni152": (build_mni152_demo, "nifti"), "mni152_ct": (build_mni152_ct_demo, "nifti"),
+         "ihc": (build_ihc_demo, "tiles")}
 
-__all__ = ["SliceDataset", "TileDataset", "balanced_weights", "build_datasets", "build_ihc_demo",
-           "build_mni152_demo", "load_slice_dataset", "load_tile_dataset", "random_flip"]
+__all__ = ["SliceDataset", "TileDataset", "VolumeDataset", "balanced_weights", "build_datasets", "build_ihc_demo",
+           "build_mni152_ct_demo", "build_mni152_demo", "augment", "load_slice_dataset", "load_tile_dataset", "random_flip"]
 
 
 def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
@@ -46,8 +48,11 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
                               f"(now '{cfg.kind}')")
         if not root.exists():
             build_demo(root)
-    dataset = load_tile_dataset(cfg) if cfg.kind == "tiles" else load_slice_dataset(cfg)
-    unit = KINDS[cfg.kind]
+    if cfg.kind == "tiles":
+        dataset = load_tile_dataset(cfg)
+    else:
+        dataset = SubjectVolumes(cfg) if cfg.dims == 3 else load_slice_dataset(cfg)
+    unit = KINDS[cfg.kind] if cfg.kind == "tiles" or cfg.dims == 2 else "volumes"
 
     # Split.
     split_path = Path(run_dir) / "split.json"
@@ -62,9 +67,13 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
         if cfg.kind == "tiles":
             split = make_tile_split(dataset, cfg, seed)
         else:
-            split = make_split(dataset.item_ids, cfg.val_fraction, cfg.test_fraction, cfg.slab_gap, seed)
+            # Held-out slabs of a single subject's volume hold whole 3D items of data.volume_shape[0] slices.
+            multiple = cfg.volume_shape[0] if cfg.dims == 3 else 1
+            split = make_split(dataset.item_ids, cfg.val_fraction, cfg.test_fraction, cfg.slab_gap, seed, multiple)
         source = "data.val_fraction / data.test_fraction"
         split["settings"] = settings
+        if getattr(dataset, "degradation_seeds", None):  # the seed each subject's degraded image was simulated with
+            split["degradation_seeds"] = dataset.degradation_seeds
         if is_main_process:
             write_split(split_path, split)
     items = items_of_split(split, dataset.item_ids)
@@ -72,7 +81,18 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
         if not items[name]:
             raise ConfigError(f"the {name} split is empty (no {unit}) according to {source}")
     names = ("train", "val", "test") if cfg.test_fraction > 0 else ("train", "val")
-    datasets = {name: dataset.subset(items[name]) for name in names}
+    if isinstance(dataset, SubjectVolumes):
+        datasets = {name: dataset.dataset(items[name], name) for name in names}
+    else:
+        datasets = {name: dataset.subset(items[name]) for name in names}
     logger.info("split (%s): %s", split["unit"],
                 ", ".join(f"{len(datasets[n])} {n}" for n in names) + f" {unit}")
     return datasets
+
+
+def augment(batch: dict, cfg: DataConfig) -> dict:
+    """Training-time changes to a collated batch on its device: random 3D patches, then left-right flips."""
+    if cfg.kind == "nifti" and cfg.dims == 3 and cfg.patch_size:
+        batch = random_patches(batch, cfg.patch_size, cfg.patch_foreground, cfg.filter_mask or cfg.images[0],
+                               0 if cfg.filter_mask else cfg.intensity_threshold)
+    return random_flip(batch, cfg.flip_prob)

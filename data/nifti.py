@@ -19,6 +19,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from data.arrays import ArrayDataset
+from data.degrade import degrade, item_seed
 from utils.config import ConfigError, DataConfig
 from utils.logging import get_logger
 
@@ -166,12 +167,16 @@ def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch
     return x[0, 0]
 
 
-def normalize_image(volume: np.ndarray, cfg: DataConfig, name: str) -> tuple[np.ndarray, list[float]]:
-    """Clip to the MRI percentiles (non-zero voxels) or the CT window, then map linearly to [-1, 1].
+def normalize_image(volume: np.ndarray, cfg: DataConfig, name: str,
+                    clip: Sequence[float] | None = None) -> tuple[np.ndarray, list[float]]:
+    """Clip to the MRI percentiles (non-zero voxels) or the CT window, or to `clip` when given, then map
+    linearly to [-1, 1].
 
     Returns the normalised volume and the [low, high] clip values used.
     """
-    if cfg.normalization == "ct":
+    if clip is not None:
+        low, high = (float(v) for v in clip)
+    elif cfg.normalization == "ct":
         low, high = (float(v) for v in cfg.ct_window)
     else:
         foreground = volume[volume != 0]
@@ -213,18 +218,16 @@ def to_slices(volume: torch.Tensor, axis: int) -> torch.Tensor:
     return slices[:, None].contiguous()
 
 
-def _pad_or_crop(x: torch.Tensor, size: Sequence[int], fill: float) -> torch.Tensor:
-    """Centre-pad (with `fill`) or centre-crop the last two dims of (S, 1, H, W) to `size`."""
-    for dim, target in zip((-2, -1), size):
+def pad_or_crop(x: torch.Tensor, size: Sequence[int], fill: float) -> torch.Tensor:
+    """Centre-pad (with `fill`) or centre-crop the last len(size) dims of `x` to `size`."""
+    for dim, target in zip(range(-len(size), 0), size):
         current = x.shape[dim]
         if current > target:
-            start = (current - target) // 2
-            x = x.narrow(dim, start, target)
+            x = x.narrow(dim, (current - target) // 2, target)
         elif current < target:
             before = (target - current) // 2
-            pad = [0, 0, 0, 0]
-            pad_index = 0 if dim == -1 else 2
-            pad[pad_index], pad[pad_index + 1] = before, target - current - before
+            pad = [0, 0] * -dim  # F.pad pads the last dimension first
+            pad[-2], pad[-1] = before, target - current - before
             x = F.pad(x, pad, value=fill)
     return x
 
@@ -239,9 +242,9 @@ def fit_slices(slices: torch.Tensor, image_size: int, resize: bool, is_mask: boo
     """
     fill = 0.0 if is_mask else -1.0
     if not resize:
-        return _pad_or_crop(slices, (image_size, image_size), fill)
+        return pad_or_crop(slices, (image_size, image_size), fill)
     side = max(slices.shape[-2:])
-    square = _pad_or_crop(slices, (side, side), fill)
+    square = pad_or_crop(slices, (side, side), fill)
     if side == image_size:
         return square
     if is_mask:
@@ -301,8 +304,8 @@ class SliceDataset(ArrayDataset):
         arrays = {name: tensor[index] for name, tensor in self.arrays.items()}
         subjects = {subject_of(i) for i in item_ids}
         clip_values = {k: v for k, v in self.clip_values.items() if k in subjects}
-        return SliceDataset(arrays, list(item_ids), self.image_names, self.mask_names, self.normalization,
-                            clip_values)
+        return type(self)(arrays, list(item_ids), self.image_names, self.mask_names, self.normalization,
+                          clip_values)
 
 
 def _check_config(cfg: DataConfig) -> None:
@@ -328,16 +331,43 @@ def _check_config(cfg: DataConfig) -> None:
         raise ConfigError(f"data.ct_window must be [low, high] with low < high, got {cfg.ct_window}")
     if cfg.spacing is not None and (len(cfg.spacing) != 3 or min(cfg.spacing) <= 0):
         raise ConfigError(f"data.spacing must be three positive sizes in mm (x, y, z), got {cfg.spacing}")
+    if cfg.dims not in (2, 3):
+        raise ConfigError(f"data.dims must be 2 (slices) or 3 (volumes), got {cfg.dims}")
+    if cfg.dims == 3:
+        if len(cfg.volume_shape) != 3 or min(cfg.volume_shape) < 1:
+            raise ConfigError(f"data.volume_shape must be three positive sizes (D, H, W) with data.dims=3, got "
+                              f"{list(cfg.volume_shape)}")
+        if cfg.patch_size and (len(cfg.patch_size) != 3 or min(cfg.patch_size) < 1):
+            raise ConfigError(f"data.patch_size must be [] (whole volumes) or three positive sizes (D, H, W), got "
+                              f"{list(cfg.patch_size)}")
+        if any(p > v for p, v in zip(cfg.patch_size, cfg.volume_shape)):
+            raise ConfigError(f"data.patch_size {list(cfg.patch_size)} is larger than the volumes it is cut from, "
+                              f"data.volume_shape {list(cfg.volume_shape)}")
+    if not 0 <= cfg.patch_foreground <= 1:
+        raise ConfigError(f"data.patch_foreground={cfg.patch_foreground} must be in [0, 1]")
+    if cfg.degrade.kind:
+        if cfg.degrade.source and cfg.degrade.source not in cfg.images:
+            raise ConfigError(f"data.degrade.source='{cfg.degrade.source}' is not one of data.images {list(cfg.images)}")
+        if cfg.degrade.name in list(cfg.images) + list(cfg.masks):
+            raise ConfigError(f"data.degrade.name='{cfg.degrade.name}' is already a modality in data.images or "
+                              "data.masks: give the degraded image a name of its own")
 
 
-def _load_subject(subject: Subject, cfg: DataConfig, root: Path
-                  ) -> tuple[dict[str, torch.Tensor], list[int], dict[str, list[float]]]:
-    """Decode and preprocess one subject: (name -> kept (S, 1, H, W) slices, kept slice indices, clip values)."""
+def load_subject_volumes(subject: Subject, cfg: DataConfig, root: Path
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], tuple[float, ...]]:
+    """Decode and preprocess one subject's volumes on one RAS grid at data.spacing.
+
+    Returns name -> (X, Y, Z) tensor (images float32 in [-1, 1], masks int64 labels, plus the simulated degraded
+    image under data.degrade.name when data.degrade.kind is set), the [low, high] clip values of each image, and
+    the voxel size in mm.
+    """
     reference_name = cfg.images[0]
+    degrade_source = cfg.degrade.source or reference_name
     volumes: dict[str, torch.Tensor] = {}
     clip_values: dict[str, list[float]] = {}
     native_shape: tuple[int, ...] = ()
     target_shape: tuple[int, ...] = ()
+    voxel_size: tuple[float, ...] = ()
     native_affine = np.eye(4)
     for name in list(cfg.images) + list(cfg.masks):
         is_mask = name in cfg.masks
@@ -345,10 +375,10 @@ def _load_subject(subject: Subject, cfg: DataConfig, root: Path
         volume, affine = load_volume(subject.files[name], display)
         if name == reference_name:
             native_shape, native_affine = volume.shape, affine
-            target_shape = native_shape
+            target_shape, voxel_size = native_shape, tuple(float(v) for v in nib.affines.voxel_sizes(affine))
             if cfg.spacing is not None:
-                target_shape = tuple(max(1, round(n * v / s)) for n, v, s in
-                                     zip(native_shape, nib.affines.voxel_sizes(affine), cfg.spacing))
+                target_shape = tuple(max(1, round(n * v / s)) for n, v, s in zip(native_shape, voxel_size, cfg.spacing))
+                voxel_size = tuple(float(s) for s in cfg.spacing)
         elif volume.shape != native_shape:
             kind = "mask" if is_mask else f"'{name}'"
             raise ConfigError(f"{kind} shape {volume.shape} != image shape {native_shape} in {display}")
@@ -359,14 +389,33 @@ def _load_subject(subject: Subject, cfg: DataConfig, root: Path
                               f"{_display(subject.files[reference_name], root)} by up to {difference:.4g} mm "
                               "after reorientation to RAS: resample both onto one grid")
         if is_mask:
-            volume = check_mask(volume, cfg.mask_classes.get(name), display)
-        else:
-            volume, clip_values[name] = normalize_image(volume, cfg, display)
-        tensor = resample(torch.from_numpy(volume).float(), target_shape, is_mask)
-        slices = fit_slices(to_slices(tensor, cfg.slice_axis), cfg.image_size, cfg.resize, is_mask)
-        volumes[name] = slices.long() if is_mask else slices
-    keep = keep_slices(volumes, cfg)
-    kept = {name: tensor[keep] for name, tensor in volumes.items()}
+            labels = torch.from_numpy(check_mask(volume, cfg.mask_classes.get(name), display)).float()
+            volumes[name] = resample(labels, target_shape, is_mask=True).long()
+            continue
+        # Resampled before the clip to the intensity window, so that both act on the scanner's intensities.
+        raw = resample(torch.from_numpy(volume), target_shape, is_mask=False)
+        normalised, clip_values[name] = normalize_image(raw.numpy(), cfg, display)
+        volumes[name] = torch.from_numpy(normalised)
+        if cfg.degrade.kind and name == degrade_source:
+            in_plane = [size for axis, size in enumerate(voxel_size) if axis != cfg.slice_axis]
+            degraded = degrade(raw, cfg.degrade, item_seed(cfg.degrade.seed, subject.subject_id),
+                               slice_axis=cfg.slice_axis, pixel_size_mm=float(np.mean(in_plane)))
+            # The target's clip values: degraded and target share one intensity scale.
+            volumes[cfg.degrade.name] = torch.from_numpy(
+                normalize_image(degraded.numpy(), cfg, display, clip=clip_values[name])[0])
+    return volumes, clip_values, voxel_size
+
+
+def _load_subject(subject: Subject, cfg: DataConfig, root: Path
+                  ) -> tuple[dict[str, torch.Tensor], list[int], dict[str, list[float]]]:
+    """Decode and preprocess one subject: (name -> kept (S, 1, H, W) slices, kept slice indices, clip values)."""
+    volumes, clip_values, _ = load_subject_volumes(subject, cfg, root)
+    slices = {name: fit_slices(to_slices(volume.float(), cfg.slice_axis), cfg.image_size, cfg.resize,
+                               volume.dtype == torch.int64)
+              for name, volume in volumes.items()}
+    slices = {name: tensor.long() if volumes[name].dtype == torch.int64 else tensor for name, tensor in slices.items()}
+    keep = keep_slices(slices, cfg)
+    kept = {name: tensor[keep] for name, tensor in slices.items()}
     return kept, torch.nonzero(keep).flatten().tolist(), clip_values
 
 
@@ -394,7 +443,7 @@ def load_slice_dataset(cfg: DataConfig) -> SliceDataset:
     logger = get_logger()
     root = Path(cfg.root)
     subjects = discover_subjects(cfg)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in list(cfg.images) + list(cfg.masks)}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in cfg.image_names() + list(cfg.masks)}
     item_ids: list[str] = []
     clip_values: dict[str, dict[str, list[float]]] = {}
     letter = AXIS_LETTERS[cfg.slice_axis]
@@ -408,18 +457,18 @@ def load_slice_dataset(cfg: DataConfig) -> SliceDataset:
     arrays = {name: torch.cat(tensors) for name, tensors in parts.items()}
     logger.info("loaded %d subjects from %s: %d slices of %dx%d along %s kept", len(subjects), root,
                 len(item_ids), cfg.image_size, cfg.image_size, letter)
-    return SliceDataset(arrays, item_ids, list(cfg.images), list(cfg.masks), _normalization_record(cfg),
+    return SliceDataset(arrays, item_ids, cfg.image_names(), list(cfg.masks), _normalization_record(cfg),
                         clip_values)
 
 
 def random_flip(batch: dict, prob: float) -> dict:
     """Left-right flip each sample of a collated batch with probability `prob`, the same way for every
-    spatial key (4D tensors (B, C, H, W): images and masks); other entries pass through.
+    spatial key ((B, C, H, W) or (B, C, D, H, W) tensors: images and masks); other entries pass through.
 
     Uses torch's global RNG, which the training loop reseeds every step (exact resume).
     Note: for sagittal slices (data.slice_axis=0) the width axis is anterior-posterior.
     """
-    spatial = [key for key, value in batch.items() if torch.is_tensor(value) and value.dim() == 4]
+    spatial = [key for key, value in batch.items() if torch.is_tensor(value) and value.dim() >= 4]
     if prob <= 0 or not spatial:
         return dict(batch)
     size = batch[spatial[0]].shape[0]
@@ -427,7 +476,7 @@ def random_flip(batch: dict, prob: float) -> dict:
     out = dict(batch)
     for key in spatial:
         value = batch[key]
-        mask = flip.to(value.device).view(size, 1, 1, 1)
+        mask = flip.to(value.device).view(size, *[1] * (value.dim() - 1))
         out[key] = torch.where(mask, value.flip(-1), value)
     return out
 

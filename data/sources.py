@@ -48,7 +48,8 @@ def load_data(cfg: Config, run_dir: Path, is_main_process: bool, device) -> Data
     """Datasets of cfg.data.kind; for a latent cache also checks its encoder and loads it for decoding."""
     if cfg.data.kind != "latent_cache":
         datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=is_main_process)
-        return DataBundle(datasets, fields_from_config(cfg.data), (cfg.data.image_size,) * 2)
+        shape = tuple(datasets["val"][0][cfg.data.images[0]].shape[1:])  # (H, W) or (D, H, W) of a held-out item
+        return DataBundle(datasets, fields_from_config(cfg.data), shape)
 
     datasets = build_cache_datasets(Path(cfg.latent.cache_dir))
     train = datasets["train"]

@@ -46,18 +46,24 @@ def split_by_subject(subject_ids: Sequence[str], val_fraction: float, test_fract
 
 
 def split_by_slab(item_ids: Sequence[str], val_fraction: float, test_fraction: float, gap: int,
-                  seed: int) -> dict:
+                  seed: int, multiple: int = 1) -> dict:
     """Split one subject's slices into contiguous slabs at seeded positions, leaving `gap` slices out on
     each side of every held-out slab so that neighbouring (near-identical) slices do not leak into training.
+
+    Args:
+        multiple: held-out slabs are rounded up to a multiple of this many slices (3D items of that depth).
     """
     _check_fractions(val_fraction, test_fraction)
     if gap < 0:
         raise ConfigError(f"data.slab_gap must be >= 0, got {gap}")
     items = sorted(item_ids, key=slice_index_of)
     count = len(items)
-    held_out = [("val", max(1, round(count * val_fraction)))]
+    def slab(fraction: float) -> int:
+        return -(-max(1, round(count * fraction)) // multiple) * multiple
+
+    held_out = [("val", slab(val_fraction))]
     if test_fraction > 0:
-        held_out.append(("test", max(1, round(count * test_fraction))))
+        held_out.append(("test", slab(test_fraction)))
     free = count - sum(size for _, size in held_out) - 2 * gap * len(held_out)
     if free < 1:
         raise ConfigError(f"{count} slices are too few for a slab split with data.slab_gap={gap}, "
@@ -80,12 +86,12 @@ def split_by_slab(item_ids: Sequence[str], val_fraction: float, test_fraction: f
 
 
 def make_split(item_ids: Sequence[str], val_fraction: float, test_fraction: float, gap: int,
-               seed: int) -> dict:
+               seed: int, multiple: int = 1) -> dict:
     """Split by subject, or by slabs (with a warning) when all items come from one subject."""
     subjects = list(dict.fromkeys(subject_of(i) for i in item_ids))
     if len(subjects) >= 2:
         return split_by_subject(subjects, val_fraction, test_fraction, seed)
-    split = split_by_slab(item_ids, val_fraction, test_fraction, gap, seed)
+    split = split_by_slab(item_ids, val_fraction, test_fraction, gap, seed, multiple)
     get_logger().warning(split["note"])
     return split
 

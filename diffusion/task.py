@@ -31,7 +31,7 @@ def fields_from_config(data: DataConfig) -> dict[str, Field]:
     if data.kind == "tiles":
         return {"image": Field("image", "image", 3), "mask": Field("mask", "mask", data.tile_classes),
                 "class_dist": Field("class_dist", "vector", data.tile_classes)}
-    fields = {name: Field(name, "image", 1) for name in data.images}
+    fields = {name: Field(name, "image", 1) for name in data.image_names()}
     for name in data.masks:
         if data.mask_classes.get(name, 0) < 2:
             raise ConfigError(f"mask '{name}' needs data.mask_classes.{name} >= 2 (labels incl. background)")

@@ -237,14 +237,14 @@ class UNet3DModel(ModelMixin, ConfigMixin):
         return UNet3DOutput(sample=out) if return_dict else (out,)
 
 
-def check_unet3d_shape(cfg: ModelConfig, spatial_shape: Sequence[int]) -> None:
-    """ConfigError naming the shape and `model.block_out_channels` when the levels cannot halve a volume."""
+def check_unet3d_shape(cfg: ModelConfig, spatial_shape: Sequence[int], key: str = "volume shape") -> None:
+    """ConfigError naming the shape (as `key`) and `model.block_out_channels` when the levels cannot halve it."""
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     shape = tuple(int(s) for s in spatial_shape)
     if len(shape) != 3:
-        raise ConfigError(f"a UNet3D needs a (D, H, W) volume shape, got {shape}")
+        raise ConfigError(f"a UNet3D needs a (D, H, W) {key}, got {shape}")
     if any(s % factor for s in shape):
-        raise ConfigError(f"volume shape {shape} cannot be halved {len(cfg.block_out_channels) - 1} times for "
+        raise ConfigError(f"{key} {shape} cannot be halved {len(cfg.block_out_channels) - 1} times for "
                           f"model.block_out_channels={list(cfg.block_out_channels)}: every side must be a "
                           f"multiple of {factor} (pad or crop the volume, or use fewer levels)")
 

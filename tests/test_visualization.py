@@ -13,7 +13,8 @@ from skimage.transform import resize
 from matplotlib import colormaps
 
 from utils import visualization
-from utils.visualization import comparison_grid, denoising_strip, image_grid, metric_curves, overlay_contours
+from utils.visualization import (comparison_grid, denoising_strip, image_grid, metric_curves, overlay_contours,
+                                 volume_figure)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -215,3 +216,112 @@ def test_image_grid_is_pixel_exact(tmp_path, phantom, phantom_labels):
     assert png_size(zoomed) == (2 * 258 + 2, 258 + 2)
     with pytest.raises(ValueError, match="differ in size"):
         image_grid([phantom, phantom[:64]], tmp_path / "bad.png", ncols=2)
+
+
+@pytest.fixture(scope="module")
+def volumes() -> dict[str, np.ndarray]:
+    """An anisotropic (10, 14, 18) blob in [-1, 1] off the centre, a noisy copy and its integer labels."""
+    z, y, x = np.mgrid[:10, :14, :18]
+    reference = np.exp(-((z - 6) ** 2 / 8 + (y - 5) ** 2 / 20 + (x - 11) ** 2 / 30)) * 2 - 1
+    generated = np.clip(reference + np.random.default_rng(0).normal(0, 0.1, reference.shape), -1, 1)
+    return dict(condition=(reference > 0).astype(np.int64) + (reference > 0.6), generated=generated,
+                reference=reference)
+
+
+def test_volume_panels_cut_with_d_upwards_and_pick_inner_slices():
+    volume = np.arange(10 * 14 * 18, dtype=np.float64).reshape(10, 14, 18)
+    orthogonal = visualization._volume_panels(volume[None], "orthogonal")  # (1, D, H, W) is squeezed
+    assert [title for title, _, _ in orthogonal] == ["axial", "coronal", "sagittal"]
+    np.testing.assert_array_equal(orthogonal[0][1], volume[5])
+    np.testing.assert_array_equal(orthogonal[1][1], volume[:, 7, :][::-1])
+    np.testing.assert_array_equal(orthogonal[2][1], volume[:, :, 9][::-1])
+    assert [axes for _, _, axes in orthogonal] == [(1, 2), (0, 2), (0, 1)]
+
+    montage = visualization._volume_panels(volume, "montage", num_slices=4)
+    # linspace(0.9, 8.1, 4) = 0.9, 3.3, 5.7, 8.1: the inner 80% of D, rounded.
+    assert [title for title, _, _ in montage] == ["slice 1", "slice 3", "slice 6", "slice 8"]
+    for (_, panel, axes), index in zip(montage, (1, 3, 6, 8)):
+        np.testing.assert_array_equal(panel, volume[index])
+        assert axes == (1, 2)
+    # More slices than D has: each slice once.
+    assert len(visualization._volume_panels(volume[:3], "montage", num_slices=6)) == 3
+
+    mip = visualization._volume_panels(volume, "mip", plane_names=("transverse", "frontal", "lateral"))
+    assert [title for title, _, _ in mip] == ["MIP along D (transverse)", "MIP along H (frontal)",
+                                              "MIP along W (lateral)"]
+    for axis, (_, panel, _) in enumerate(mip):
+        np.testing.assert_array_equal(panel, volume.max(axis) if axis == 0 else volume.max(axis)[::-1])
+
+
+def test_volume_mip_shows_a_bright_voxel_where_it_is(tmp_path, figures):
+    volume = np.random.default_rng(1).uniform(-1, 0, (10, 14, 18))
+    volume[7, 3, 12] = 1.0  # superior (high D), near the top (low H), right of centre (high W)
+    mips = [panel for _, panel, _ in visualization._volume_panels(volume, "mip")]
+    peaks = [np.unravel_index(np.argmax(panel), panel.shape) for panel in mips]
+    assert peaks == [(3, 12), (10 - 1 - 7, 12), (10 - 1 - 7, 3)]  # D drawn upwards: index 7 is row 2
+
+    pixels = png_pixels(volume_figure(dict(generated=volume), tmp_path / "mip.png", "mip"))
+    drawn = figures[0].axes
+    assert len(drawn) == 3  # one row, no error row without a reference
+    for ax, mip in zip(drawn, mips):
+        np.testing.assert_array_equal(ax.get_images()[0].get_array(), mip)
+    for ax, mip, (row, col) in zip(drawn, mips, peaks):
+        assert pixel_at(pixels, ax, mip.shape, row, col).min() >= 250  # white in the PNG
+        assert pixel_at(pixels, ax, mip.shape, (row + 5) % mip.shape[0], col).max() <= 130
+
+
+def test_volume_figure_rows_error_and_aspect(tmp_path, volumes, figures):
+    path = volume_figure(volumes, tmp_path / "volumes" / "ortho.png", "orthogonal", title="item-3",
+                         spacing=(3.0, 1.0, 1.0))
+    assert path == tmp_path / "volumes" / "ortho.png"
+    width, height = png_size(path)
+    # 3 columns x 4 rows (condition, generated, reference, |error|) of 2.2-inch panels, plus a colour bar.
+    assert 650 <= width <= 850 and 850 <= height <= 1050
+    assert png_pixels(path).std() > 30
+    figure = figures[0]
+    axes = np.array(figure.axes[:12]).reshape(4, 3)  # the colour bar's axes come last
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["condition", "generated", "reference", "|error|"]
+    assert [ax.get_title() for ax in axes[0]] == ["axial", "coronal", "sagittal"]
+    assert figure.get_suptitle() == "item-3"
+    assert figure.axes[-1].get_ylabel() == "|error| (normalised units)"
+    # Slices are 3 mm thick: the coronal plane (D x W = 10 x 18 voxels) is 30 mm high and 18 mm wide.
+    assert [ax.get_aspect() for ax in axes[1]] == [1.0, 3.0, 3.0]
+    box = axes[1, 1].get_window_extent()
+    assert box.height / box.width == pytest.approx(30 / 18, rel=0.05)
+    errors = [np.abs(g - r) for (_, g, _), (_, r, _) in zip(
+        visualization._volume_panels(volumes["generated"], "orthogonal"),
+        visualization._volume_panels(volumes["reference"], "orthogonal"))]
+    for ax, error in zip(axes[3], errors):
+        image = ax.get_images()[0]
+        np.testing.assert_allclose(image.get_array(), error)
+        assert image.get_clim() == pytest.approx((0, max(e.max() for e in errors)))  # one scale for the row
+        assert image.get_cmap().name == "magma"
+
+    # The MIP error row is the difference of the projections, and says so.
+    volume_figure(volumes, tmp_path / "mip.png", "mip")
+    mip_error = figures[1].axes[9].get_images()[0].get_array()
+    assert figures[1].axes[9].get_ylabel() == "|error| of MIPs"
+    np.testing.assert_allclose(mip_error, np.abs(volumes["generated"].max(0) - volumes["reference"].max(0)))
+
+    # A montage is wider; no error row when the generated volume is a mask.
+    montage = volume_figure(volumes, tmp_path / "montage.png", "montage", num_slices=6)
+    assert png_size(montage)[0] > 1.6 * width
+    masks = dict(generated=volumes["condition"], reference=volumes["reference"])
+    width_m, height_m = png_size(volume_figure(masks, tmp_path / "masks.png", "orthogonal"))
+    assert height_m < height / 1.8
+    assert [ax.get_ylabel() for ax in figures[3].axes[::3]] == ["generated", "reference"]
+
+
+def test_volume_figure_rejects_bad_input(tmp_path, volumes):
+    with pytest.raises(ValueError, match="unknown view 'coronal'"):
+        volume_figure(volumes, tmp_path / "x.png", "coronal")
+    with pytest.raises(ValueError, match="differ in shape"):
+        volume_figure(dict(generated=volumes["generated"], reference=volumes["reference"][:8]), tmp_path / "x.png",
+                      "mip")
+    with pytest.raises(ValueError, match=r"expected a volume .* got shape \(14, 18\)"):
+        volume_figure(dict(generated=volumes["generated"][0]), tmp_path / "x.png", "montage")
+    with pytest.raises(ValueError, match="got shape \\(2, 10, 14, 18\\)"):
+        volume_figure(dict(generated=np.stack([volumes["generated"]] * 2)), tmp_path / "x.png", "montage")
+    with pytest.raises(ValueError, match="at least one volume"):
+        volume_figure({}, tmp_path / "x.png", "mip")
+    assert not (tmp_path / "x.png").exists()

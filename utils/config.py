@@ -49,12 +49,15 @@ class DegradeConfig:
     # low_resolution: down-sampling per array axis, or one for all; thick_slices: one whole number, the thin
     # slices averaged into each thick one along data.slice_axis
     factor: list[float] = field(default_factory=lambda: [2.0])
-    seed: int = 0  # each item's degradation is seeded by (this, item id): the same pairs whatever run.seed
+    seed: int = 0  # each subject's degradation is seeded by (this, subject id): the same pairs whatever run.seed
+    source: str = ""  # the image modality degraded ("" = the first of data.images)
+    name: str = "ld"  # the name the degraded image goes by (e.g. in task.spatial_conditions)
 
 
 @dataclass
 class DataConfig:
     kind: str = "nifti"  # nifti | tiles | latent_cache
+    dims: int = 2  # nifti: 2 = items are slices; 3 = items are volumes (whole, or slabs of a single subject)
     root: str = "data/demo_mni152"
     demo: str = ""  # build this demo dataset at `root` when it does not exist ("" = never)
     images: list[str] = field(default_factory=lambda: ["t1"])
@@ -67,6 +70,11 @@ class DataConfig:
     slice_axis: int = 2  # 0 sagittal, 1 coronal, 2 axial (after reorientation to RAS)
     image_size: int = 64
     resize: bool = True  # pad to square then resize; false: centre pad/crop to image_size
+    # data.dims 3: every volume is centre padded/cropped to (D, H, W), D along data.slice_axis, H and W the slice
+    # as 2D shows it; with a single subject, items are slabs of D slices
+    volume_shape: list[int] = field(default_factory=list)
+    patch_size: list[int] = field(default_factory=list)  # data.dims 3: train on random (D, H, W) patches; [] = whole
+    patch_foreground: float = 0.5  # share of patches centred on a foreground voxel (filter_mask or intensity)
     filter_mask: str = ""  # mask whose foreground decides which slices are kept ("" = image intensity)
     min_foreground: float = 0.05  # keep slices with at least this fraction of foreground pixels
     intensity_threshold: float = -0.9  # foreground = normalised intensity above this (without filter_mask)
@@ -82,6 +90,10 @@ class DataConfig:
     min_tissue: float = 0.5  # keep tiles with at least this fraction of tissue (Otsu on saturation)
     tile_classes: int = 3  # classes in the masks (0 = background); the class-distribution vector length
     class_balanced: bool = False  # sample training tiles balanced by their dominant class
+
+    def image_names(self) -> list[str]:
+        """The images an item holds: data.images, then the simulated degraded image when there is one."""
+        return list(self.images) + ([self.degrade.name] if self.degrade.kind else [])
 
 
 @dataclass

@@ -18,6 +18,7 @@ from data.degrade import check_degrade_config
 from models.autoencoder import check_autoencoder_config
 from models.losses import AdversarialLoss, ReconstructionLoss
 from models.unet2d import check_unet_config
+from models.unet3d import check_unet3d_shape
 from utils.config import RESUME_MODES, Config, ConfigError, check_choice
 from utils.tracking import KNOWN_TRACKERS
 from utils.training import LR_SCHEDULES
@@ -105,7 +106,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"{key}={_value(cfg, key)} must give one positive width per resolution level")
     # The networks: widths, groups, heads and levels (the pixel-space image size too; a latent one needs the
     # autoencoder, and the autoencoder's image size matters only to train_vae.py: both are checked at build).
-    check_unet_config(cfg.model, 0 if cfg.data.kind == LATENT_CACHE else cfg.data.image_size)
+    volumes = cfg.data.kind == "nifti" and cfg.data.dims == 3
+    check_unet_config(cfg.model, 0 if cfg.data.kind == LATENT_CACHE or volumes else cfg.data.image_size)
     check_autoencoder_config(cfg.vae)
     negative = {k: w for k, w in cfg.task.loss_weights.items() if w < 0}
     if negative:
@@ -123,6 +125,10 @@ def check_config(cfg: Config) -> None:
                               f"{source_kind}; set data.kind={DEMOS[cfg.data.demo][1]} or data.demo=''")
     (tiles if source_kind == "tiles" else nifti)._check_config(cfg.data)  # the reader's own pre-read checks
     check_degrade_config(cfg.data.degrade)
+    if volumes:  # the shapes the UNet3D sees: held-out volumes and training patches
+        for key in ("data.volume_shape", "data.patch_size"):
+            if _value(cfg, key):
+                check_unet3d_shape(cfg.model, _value(cfg, key), key)
 
     # Diffusion, and the combinations known not to work.
     diffusion.check_config(cfg.diffusion)

@@ -2,7 +2,8 @@
 
 Images are numpy arrays in the normalised space [-1, 1]: (H, W) grey, or (H, W, 3) / (3, H, W) RGB. Integer or
 bool arrays are label masks and are shown with a categorical colour map. Figures are drawn on a bare Agg
-canvas (no pyplot), so plotting neither needs a display nor touches global matplotlib state.
+canvas (no pyplot), so plotting neither needs a display nor touches global matplotlib state. Volumes are
+(D, H, W) with D the slice axis; volume_figure draws them as slice montages, orthogonal planes or projections.
 """
 from __future__ import annotations
 
@@ -280,5 +281,112 @@ def image_grid(images: list[np.ndarray], path: Path, ncols: int, zoom: int = 1, 
 
 
 def figure_array(array: np.ndarray) -> np.ndarray:
-    """An item's (C, H, W) array as the figures draw it: (H, W) for one channel, colour (3, H, W) as is."""
+    """An item's (C, H, W) array as the 2D figures draw it: (H, W) for one channel, colour (3, H, W) as is; a
+    (1, D, H, W) volume by its middle slice (volume_figure shows volumes whole)."""
+    if array.ndim == 4:
+        return array[0, array.shape[1] // 2]
     return array[0] if array.shape[0] == 1 else array
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Volumes.
+
+VOLUME_VIEWS = ("montage", "orthogonal", "mip")
+
+
+def _as_volume(array: np.ndarray) -> np.ndarray:
+    """(D, H, W); a singleton channel (1, D, H, W) is squeezed."""
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"expected a volume (D, H, W) or (1, D, H, W), got shape {array.shape}")
+    return array
+
+
+def _volume_panels(volume: np.ndarray, view: str, num_slices: int = 6,
+                   plane_names: Sequence[str] = ("axial", "coronal", "sagittal")
+                   ) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
+    """(column title, 2D panel, (row axis, column axis) of the volume) for each column of a view.
+
+    Every view cuts or projects across one axis per column, so all three share this code. Planes that contain D
+    are flipped vertically: D rises towards the top of the patient, and the top of the screen should show it.
+    """
+    volume = _as_volume(volume)
+    if view == "montage":
+        # The inner 80% of D: the outermost slices of a scan are mostly padding or partial-volume edges.
+        indices = np.unique(np.round(np.linspace(0.1, 0.9, num_slices) * (volume.shape[0] - 1)).astype(int))
+        cuts = [(f"slice {i}", 0, volume[i]) for i in indices]
+    elif view == "orthogonal":
+        cuts = [(name, axis, np.take(volume, size // 2, axis=axis))
+                for axis, (name, size) in enumerate(zip(plane_names, volume.shape))]
+    elif view == "mip":
+        cuts = [(f"MIP along {'DHW'[axis]} ({name})", axis, volume.max(axis=axis))
+                for axis, name in enumerate(plane_names)]
+    else:
+        raise ValueError(f"unknown view {view!r}; expected one of {VOLUME_VIEWS}")
+    return [(title, panel if axis == 0 else panel[::-1], tuple(a for a in range(3) if a != axis))
+            for title, axis, panel in cuts]
+
+
+def volume_figure(volumes: dict[str, np.ndarray], path: Path, view: str, title: str = "", num_slices: int = 6,
+                  data_range: float = 2.0, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                  plane_names: Sequence[str] = ("axial", "coronal", "sagittal")) -> Path:
+    """One row per volume, in dict order, of D slices ("montage"), three central planes ("orthogonal") or
+    maximum-intensity projections ("mip"), and an |error| row when generated and reference are both images.
+
+    The error row is |generated - reference| of the panels shown (for "mip", the difference of the MIPs, which
+    shows what a reader of the projections sees), on one magma scale from 0 to its largest value. Pixels are
+    drawn with the voxel spacing's aspect, so thick slices do not look squashed in the planes that contain D.
+
+    Args:
+        volumes: key -> (D, H, W) or (1, D, H, W) volume in [-1, 1], or integer label mask, all of one shape.
+        view: one of VOLUME_VIEWS.
+        num_slices: columns of the montage, evenly spaced over the inner 80% of D (fewer when D is small).
+        data_range: width of the displayed intensity range, centred at 0 (2.0 shows [-1, 1]).
+        spacing: mm per voxel along D, H, W.
+        plane_names: names of the planes across D, H and W, for the column titles.
+    """
+    if not volumes:
+        raise ValueError("volume_figure needs at least one volume")
+    if view not in VOLUME_VIEWS:
+        raise ValueError(f"unknown view {view!r}; expected one of {VOLUME_VIEWS}")
+    if len(spacing) != 3 or min(spacing) <= 0 or len(plane_names) != 3 or num_slices < 1:
+        raise ValueError(f"need 3 positive spacings, 3 plane names and num_slices >= 1, got {tuple(spacing)}, "
+                         f"{tuple(plane_names)} and {num_slices}")
+    arrays = {key: _as_volume(volume) for key, volume in volumes.items()}
+    if len({a.shape for a in arrays.values()}) != 1:
+        raise ValueError(f"volumes differ in shape: { {key: a.shape for key, a in arrays.items()} }")
+    rows = {key: _volume_panels(a, view, num_slices, plane_names) for key, a in arrays.items()}
+    error_key = "|error| of MIPs" if view == "mip" else "|error|"
+    has_error = "generated" in arrays and "reference" in arrays and not (
+        _is_mask(arrays["generated"]) or _is_mask(arrays["reference"]))
+    if has_error:
+        rows[error_key] = [(column, np.abs(g.astype(np.float64) - r.astype(np.float64)), axes)
+                           for (column, g, axes), (_, r, _) in zip(rows["generated"], rows["reference"])]
+        error_max = max(float(panel.max()) for _, panel, _ in rows[error_key]) or 1e-6
+
+    ncols = len(next(iter(rows.values())))
+    figure = _new_figure(_PANEL_INCHES * ncols + (0.8 if has_error else 0.2),
+                         _PANEL_INCHES * len(rows) + (0.6 if title else 0.3))
+    axes = figure.subplots(len(rows), ncols, squeeze=False)
+    for r, (key, panels) in enumerate(rows.items()):
+        for c, (column, panel, (row_axis, col_axis)) in enumerate(panels):
+            ax = axes[r, c]
+            if key == error_key and has_error:
+                image = ax.imshow(panel, cmap="magma", vmin=0, vmax=error_max, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                _show(ax, panel, data_range)
+            ax.set_aspect(spacing[row_axis] / spacing[col_axis])  # mm per row over mm per column
+            if r == 0:
+                ax.set_title(column, fontsize=10)
+        axes[r, 0].set_ylabel(key, fontsize=10)
+    if has_error:
+        bar = figure.colorbar(image, ax=list(axes[-1]), shrink=0.9, pad=0.02)
+        bar.set_label("|error| (normalised units)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if title:
+        figure.suptitle(title, fontsize=11)
+    return _save(figure, path)
