@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from data.sources import load_data, pixel_references
+from data.volumes import display_spacing
 from diffusion import build_strategy
 from diffusion.generate import generate
 from diffusion.task import Field, Task
@@ -28,7 +29,10 @@ from utils.config import ConfigError
 from utils.distributed import check_launch
 from utils.evaluation import SeedItems, evenly_spaced, sample_items, score_item, summarise
 from utils.logging import setup_logging
-from utils.visualization import comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours
+from utils.visualization import (comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours,
+                                 volume_figure)
+
+MAX_VOLUME_FIGURES = 4  # held-out volumes drawn as montage, orthogonal views and MIPs
 
 
 def load_weights(run_dir: Path, weights: str, cfg, task: Task) -> Denoiser:
@@ -79,27 +83,41 @@ def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict
 
 
 def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict, shown: Field,
-            paired: bool) -> None:
-    """comparison.png (condition | generated | reference | error, contours), denoising.png, training curves.
+            paired: bool, spacing=(1.0, 1.0, 1.0)) -> None:
+    """comparison.png (condition | generated | reference | error, contours), denoising.png, training curves;
+    for volumes also volumes/<item>-montage.png, -orthogonal.png and -mip.png.
 
     Args:
         paired: whether the reference is the generated item's own ground truth (a spatial condition); a vector
             condition only shares the class make-up with its held-out tile, so no error map is drawn then.
+        spacing: voxel size (D, H, W) in mm of volumes, for their aspect ratio.
     """
     rows, titles = [], []
     for item in items[:count]:
         row = {"generated": figure_array(item["generated"][0][shown.name])}
         reference = item["reference"].get(shown.name)
         if item["condition"]:
-            cond = next(iter(item["condition"].values()))[0]
+            cond = figure_array(next(iter(item["condition"].values())))
             row["condition"] = cond
-            if reference is not None and reference.shape[0] == 1 and cond.shape == reference.shape[1:]:
-                row["reference + mask contours"] = overlay_contours(reference[0], cond)
+            if reference is not None and reference.shape[0] == 1 and np.issubdtype(cond.dtype, np.integer) \
+                    and cond.shape == figure_array(reference).shape:
+                row["reference + mask contours"] = overlay_contours(figure_array(reference), cond)
         if reference is not None:
             row["reference" if paired else "held-out tile, same condition"] = figure_array(reference)
         rows.append(row)
         titles.append(item["item_id"])
     comparison_grid(rows, out / "comparison.png", titles=titles)
+    for item in items[:min(count, MAX_VOLUME_FIGURES)]:
+        generated = item["generated"][0][shown.name]
+        if generated.ndim != 4:  # (C, D, H, W) volumes only
+            break
+        volumes = {"condition": next(iter(item["condition"].values()), None), "generated": generated,
+                   "reference": item["reference"].get(shown.name)}
+        volumes = {k: v[0] for k, v in volumes.items() if v is not None and v.shape[1:] == generated.shape[1:]}
+        name = item["item_id"].replace("/", "__")
+        for view in ("montage", "orthogonal", "mip"):
+            volume_figure(volumes, out / "volumes" / f"{name}-{view}.png", view, title=item["item_id"],
+                          spacing=spacing)
     denoising_strip(strip["x0"], strip["t"], out / "denoising.png")
     if (run_dir / "metrics.csv").is_file():
         metric_curves(run_dir / "metrics.csv", out / "training_curves.png")
@@ -132,6 +150,13 @@ def main(argv=None):
         image = next(f.name for f in scored if not f.is_mask)
         sample = torch.stack([reference_set[i][image] for i in range(min(len(reference_set), 16))])
         metrics.check_data_range(ev.data_range, sample, name="eval.data_range")
+    hu_per_unit = 0.0
+    if ev.hu_metrics:
+        window = reference_set.normalization.get("window_hu")
+        if window is None:
+            raise ConfigError("eval.hu_metrics=true needs CT data normalised with a HU window (data.normalization: ct); "
+                              f"this run's images were normalised by {reference_set.normalization.get('method')}")
+        hu_per_unit = (window[1] - window[0]) / data_range  # the window spans the data range
     features = metrics.FeatureExtractor(ev.feature_network, accelerator.device, ev.feature_channels or None) \
         if ev.feature_network else None
 
@@ -157,7 +182,7 @@ def main(argv=None):
     progress.close()
     # Per-item comparisons need a reference that the conditions pin down (a spatial condition).
     scores = [score_item(scored, item if task.is_conditional else {**item, "reference": {}}, data_range,
-                         task.region_mask) for item in items]
+                         task.region_mask, hu_per_unit) for item in items]
     fid_scores = {}
     if features is not None:
         fid_scores = distribution_scores(features, items, scored, reference_set, accelerator)
@@ -175,7 +200,8 @@ def main(argv=None):
         write_outputs(out, items, scores, report, scored)
         strip = denoising_trajectory(strategy, net, task, items_set, ev, accelerator.device, bundle.to_pixels,
                                      scored[0].name)
-        figures(out, run_dir, items, ev.num_figures, strip, scored[0], paired=task.is_conditional)
+        figures(out, run_dir, items, ev.num_figures, strip, scored[0], paired=task.is_conditional,
+                spacing=display_spacing(cfg.data))
         logger.info("%s", ", ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None))
         logger.info("wrote %s", out)
     accelerator.wait_for_everyone()

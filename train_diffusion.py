@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from data import augment, balanced_weights
 from data.arrays import to_device
 from data.sources import load_data, pixel_references
+from data.volumes import display_spacing
 from diffusion import build_strategy
 from diffusion.task import Task
 from models.unet2d import build_denoiser
@@ -64,7 +65,7 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
                 path = Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png"
                 if rows[0]["generated"].ndim == 4:  # (C, D, H, W): orthogonal views through the first volume
                     png = volume_figure({k: v[0] for k, v in rows[0].items()}, path, "orthogonal",
-                                        title=f"{items[0]['item_id']}, step {step}")
+                                        title=f"{items[0]['item_id']}, step {step}", spacing=display_spacing(cfg.data))
                 else:
                     png = comparison_grid([{k: figure_array(v) for k, v in r.items()} for r in rows], path,
                                           titles=[it["item_id"] for it in items])

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.degrade import item_seed
 from data.demo import build_ihc_demo, build_mni152_ct_demo, build_mni152_demo
-from data.nifti import SliceDataset, load_slice_dataset, random_flip
+from data.nifti import SliceDataset, load_slice_dataset, random_flip, subject_of
 from data.split import items_of_split, make_split, read_split, write_split
 from data.tiles import TileDataset, balanced_weights, load_tile_dataset, make_tile_split
 from data.volumes import SubjectVolumes, VolumeDataset, random_patches
@@ -72,8 +73,9 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
             split = make_split(dataset.item_ids, cfg.val_fraction, cfg.test_fraction, cfg.slab_gap, seed, multiple)
         source = "data.val_fraction / data.test_fraction"
         split["settings"] = settings
-        if getattr(dataset, "degradation_seeds", None):  # the seed each subject's degraded image was simulated with
-            split["degradation_seeds"] = dataset.degradation_seeds
+        if cfg.kind == "nifti" and cfg.degrade.kind:  # the seed each subject's degraded image was simulated with
+            split["degradation_seeds"] = {subject: item_seed(cfg.degrade.seed, subject)
+                                          for subject in dict.fromkeys(map(subject_of, dataset.item_ids))}
         if is_main_process:
             write_split(split_path, split)
     items = items_of_split(split, dataset.item_ids)

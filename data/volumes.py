@@ -142,3 +142,12 @@ def random_patches(batch: dict, patch_size: Sequence[int], foreground_prob: floa
             crops[k].append(batch[k][(b, slice(None), *region)])
     out.update({k: torch.stack(v) for k, v in crops.items()})
     return out
+
+
+def display_spacing(cfg: DataConfig) -> tuple[float, float, float]:
+    """Voxel size (D, H, W) in mm of the items' layout, from data.spacing (isotropic when it keeps native sizes)."""
+    if cfg.spacing is None:
+        return (1.0, 1.0, 1.0)
+    # to_slices: D is slice_axis; of the other two RAS axes (a, b), H runs along b and W along a.
+    a, b = (axis for axis in range(3) if axis != cfg.slice_axis)
+    return (float(cfg.spacing[cfg.slice_axis]), float(cfg.spacing[b]), float(cfg.spacing[a]))

@@ -23,7 +23,7 @@ KEY_LINE = re.compile(r"^\s*[A-Za-z_][\w]*:\s*(\S.*)?$")
 def test_presets_exist():
     names = {p.name for p in PRESETS}
     assert {"demo.yaml", "demo_vae.yaml", "demo_ldm.yaml", "demo_pathology_vae.yaml",
-            "demo_pathology_ldm.yaml"} <= names
+            "demo_pathology_ldm.yaml", "demo_3d.yaml", "demo_ct_2d.yaml", "ct_restore_3d_gpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -53,7 +53,8 @@ def test_preset_resolves_and_builds_its_networks(preset):
         factor = 4 if "demo" in preset.name else 8
         shape = (cfg.data.image_size // factor,) * 2
     else:
-        fields, shape = fields_from_config(cfg.data), (cfg.data.image_size,) * 2
+        fields = fields_from_config(cfg.data)
+        shape = tuple(cfg.data.volume_shape) if cfg.data.dims == 3 else (cfg.data.image_size,) * 2
     task = Task(cfg.task, fields, shape)
     net = build_denoiser(cfg.model, task)
     assert net.unet.config.out_channels == task.target_channels

@@ -15,7 +15,8 @@ from skimage.transform import resize
 from utils.config import ConfigError
 from utils.metrics import (DATA_RANGE_NORMALISED, FeatureExtractor, check_data_range, dice_per_label,
                            fid_from_features, frechet_distance, kid, mae, ms_ssim, mse, pairwise_ms_ssim, psnr,
-                           ssim, ssim_slicewise)
+                           ssim, ssim_window)
+from utils.evaluation import image_scores
 
 TOL = 1e-3
 
@@ -117,14 +118,19 @@ def test_ssim_3d_volumetric_matches_skimage(mni, kind):
         peak_signal_noise_ratio(mni.astype(np.float32), other.astype(np.float32), data_range=2.0), abs=TOL)
 
 
-def test_ssim_slicewise_is_mean_of_2d_slices(mni):
+def test_volumes_are_scored_slice_wise_and_volumetrically(mni):
     other = degrade(mni, "noise")
+    scores = image_scores(grey_batch(other), grey_batch(mni), DATA_RANGE_NORMALISED)
     expected = np.mean([sk_ssim(mni[d], other[d]) for d in range(mni.shape[0])])
-    ours = ssim_slicewise(grey_batch(mni), grey_batch(other), DATA_RANGE_NORMALISED)
-    assert ours.shape == (1,)
-    assert ours.item() == pytest.approx(expected, abs=TOL)
-    # Slice-wise and volumetric SSIM are different numbers; callers must say which one they report.
-    assert abs(ours.item() - ssim(grey_batch(mni), grey_batch(other), 2.0).item()) > 1e-3
+    assert scores["ssim"] == pytest.approx(expected, abs=TOL)
+    assert scores["psnr"] == pytest.approx(np.mean([peak_signal_noise_ratio(
+        mni[d].astype(np.float32), other[d].astype(np.float32), data_range=2.0) for d in range(mni.shape[0])]), abs=TOL)
+    assert scores["ssim_3d"] == pytest.approx(sk_ssim(mni, other), abs=TOL)
+    # Slice-wise and volumetric SSIM are different numbers; the names say which is which.
+    assert abs(scores["ssim"] - scores["ssim_3d"]) > 1e-3
+    # A slab thinner than the SSIM window still has slice-wise scores, and no volumetric SSIM.
+    thin = image_scores(grey_batch(other[:ssim_window() - 1]), grey_batch(mni[:ssim_window() - 1]), 2.0)
+    assert "ssim_3d" not in thin and np.isfinite(thin["ssim"])
 
 
 def test_ssim_identical_is_one_and_refuses_images_smaller_than_window(camera):

@@ -219,6 +219,7 @@ class EvalConfig:
     feature_network: str = ""  # local TorchScript file mapping images to features, for FID/KID ("" = off)
     feature_channels: int = 0  # repeat grey images to this many channels for the feature network (0 = as is)
     num_figures: int = 8  # items shown in eval/comparison.png
+    hu_metrics: bool = False  # CT (data.normalization: ct): also MAE and RMSE in Hounsfield units
 
 
 @dataclass

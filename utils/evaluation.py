@@ -67,43 +67,96 @@ def heldout_loss(strategy, net, task: Task, dataset, indices: Sequence[int], bat
 
 
 def _region_of(region_mask: str, item: dict, shape) -> Optional[torch.Tensor]:
-    """The item's region-of-interest mask (1, 1, H, W) bool, when a mask of the scored size is available."""
+    """The item's region-of-interest mask (1, 1, *spatial) bool, when a mask of the scored size is available."""
     labels = item["condition"].get(region_mask, item["reference"].get(region_mask)) if region_mask else None
-    if labels is None or tuple(labels.shape[-2:]) != tuple(shape[-2:]):
+    if labels is None or tuple(labels.shape[1:]) != tuple(shape[2:]):
         return None  # e.g. a latent-size mask cannot select pixels of the decoded image
     return torch.from_numpy(labels)[None] > 0
 
 
-def score_item(fields: Sequence[Field], item: dict, data_range: float, region_mask: str = "") -> dict[str, float]:
+def _slices(x: torch.Tensor) -> torch.Tensor:
+    """(1, C, D, H, W) -> (D, C, H, W): a volume's slices along its slice axis as a batch of images."""
+    return x[0].movedim(1, 0)
+
+
+def _per_image(gen: torch.Tensor, ref: torch.Tensor, data_range: float,
+               mask: Optional[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Each metric per image of a batch (B, C, H, W)."""
+    return {"ssim": metrics.ssim(gen, ref, data_range, mask=mask).cpu().numpy(),
+            "psnr": metrics.psnr(gen, ref, data_range, mask=mask).cpu().numpy(),
+            "mae": metrics.mae(gen, ref, mask=mask).cpu().numpy(), "mse": metrics.mse(gen, ref, mask=mask).cpu().numpy()}
+
+
+def image_scores(gen: torch.Tensor, ref: torch.Tensor, data_range: float,
+                 mask: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """SSIM, PSNR, MAE and MSE of one generated image (1, C, H, W) or volume (1, C, D, H, W) against its reference.
+
+    A volume is scored as CT and MRI papers do: each metric is the mean over its slices along the slice axis
+    (slices where a metric is undefined, such as PSNR of identical empty slices or an empty region, left out),
+    plus the volumetric `ssim_3d` and `psnr_3d`.
+    """
+    if gen.dim() == 4:
+        return {name: float(values[0]) for name, values in _per_image(gen, ref, data_range, mask).items()}
+    per_slice = _per_image(_slices(gen), _slices(ref), data_range, None if mask is None else _slices(mask))
+    scores = {name: _finite_mean(values) for name, values in per_slice.items()}
+    if min(gen.shape[2:]) >= metrics.ssim_window():  # a slab thinner than the window has no volumetric SSIM
+        scores["ssim_3d"] = float(metrics.ssim(gen, ref, data_range, mask=mask)[0])
+    scores["psnr_3d"] = float(metrics.psnr(gen, ref, data_range, mask=mask)[0])
+    return scores
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def score_item(fields: Sequence[Field], item: dict, data_range: float, region_mask: str = "",
+               hu_per_unit: float = 0.0) -> dict[str, float]:
     """Metrics of one sampled item (see `sample_items`) against its reference, for each scored field.
 
-    Images: SSIM, PSNR, MAE, MSE, and the same inside/outside `region_mask` when one of the scored size is
-    available; masks: Dice per label; with several samples per item: diversity (mean pairwise MS-SSIM).
-    With several fields the names carry the field (`ssim_t1`) and `ssim` is the mean over the image fields.
-    Items without a reference (unconditional tasks) get diversity only.
+    Images: SSIM, PSNR, MAE, MSE (`image_scores`: volumes slice-wise, plus ssim_3d and psnr_3d), the same inside/
+    outside `region_mask` when one of the scored size is available, and the same again for the degraded input
+    against the reference (`input_ssim`, ...) when the item's condition is an image of the reference's shape: the
+    baseline a restoration model must beat. Masks: Dice per label. Several samples per item: diversity (mean
+    pairwise MS-SSIM). With several fields the names carry the field (`ssim_t1`) and `ssim` is the mean over the
+    image fields. Items without a reference (unconditional tasks) get diversity only.
+
+    Args:
+        hu_per_unit: Hounsfield units per normalised unit (half the CT window); > 0 adds `mae_hu` and `rmse_hu`.
     """
     scores = {}
     for f in fields:
         suffix = "" if len(fields) == 1 else f"_{f.name}"
-        gen = torch.from_numpy(item["generated"][0][f.name])[None]  # (1, C, H, W)
+        gen = torch.from_numpy(item["generated"][0][f.name])[None]  # (1, C, *spatial)
         ref = item["reference"].get(f.name)
         if ref is not None and f.is_mask:
             dice = metrics.dice_per_label(gen, torch.from_numpy(ref)[None], f.channels)[0]
             scores.update({f"dice{suffix}_{label}": v for label, v in enumerate(dice.tolist(), start=1)})
         elif ref is not None:
-            gen, ref = gen.float(), torch.from_numpy(ref)[None].float()
-            region = _region_of(region_mask, item, gen.shape)
+            ref = torch.from_numpy(ref)[None].float()
+            region = _region_of(region_mask, item, ref.shape)
             regions = {"": None}
             if region is not None:
                 regions.update({f"_in_{region_mask}": region, f"_out_{region_mask}": ~region})
-            for name, mask in regions.items():
-                scores[f"ssim{suffix}{name}"] = float(metrics.ssim(gen, ref, data_range, mask=mask)[0])
-                scores[f"psnr{suffix}{name}"] = float(metrics.psnr(gen, ref, data_range, mask=mask)[0])
-                scores[f"mae{suffix}{name}"] = float(metrics.mae(gen, ref, mask=mask)[0])
-                scores[f"mse{suffix}{name}"] = float(metrics.mse(gen, ref, mask=mask)[0])
+            degraded = next((torch.from_numpy(c)[None].float() for c in item["condition"].values()
+                             if np.issubdtype(c.dtype, np.floating) and c.shape == ref.shape[1:]), None)
+            for prefix, candidate in (("", gen.float()), ("input_", degraded)):
+                if candidate is None:
+                    continue
+                for name, mask in regions.items():
+                    for metric, value in image_scores(candidate, ref, data_range, mask).items():
+                        scores[f"{prefix}{metric}{suffix}{name}"] = value
+                if hu_per_unit > 0:
+                    per_slice = (candidate - ref).abs() if candidate.dim() == 4 else _slices(candidate - ref).abs()
+                    scores[f"{prefix}mae_hu{suffix}"] = float(per_slice.double().mean()) * hu_per_unit
+                    rmse = per_slice.double().pow(2).flatten(1).mean(1).sqrt().mean()
+                    scores[f"{prefix}rmse_hu{suffix}"] = float(rmse) * hu_per_unit
         if len(item["generated"]) > 1 and not f.is_mask:
             samples = torch.stack([torch.from_numpy(g[f.name]).float() for g in item["generated"]])
-            scores[f"diversity_msssim{suffix}"] = float(metrics.pairwise_ms_ssim(samples, data_range))
+            # Volumes (S, C, D, H, W): the mean over slices of the diversity of each slice.
+            per_slice = [samples] if samples.dim() == 4 else samples.unbind(2)
+            scores[f"diversity_msssim{suffix}"] = float(np.mean(
+                [float(metrics.pairwise_ms_ssim(s, data_range)) for s in per_slice]))
     per_image = [scores[f"ssim_{f.name}"] for f in fields if f"ssim_{f.name}" in scores]
     if per_image:  # several scored fields: one SSIM over the images too, which selects best-val_ssim
         scores["ssim"] = float(np.mean(per_image))

@@ -112,6 +112,11 @@ def psnr(x: Tensor, y: Tensor, data_range: float, mask: Optional[Tensor] = None)
 # ----------------------------------------------------------------------------------------------------------
 # SSIM.
 
+def ssim_window(sigma: float = 1.5, truncate: float = 3.5) -> int:
+    """Side of the Gaussian SSIM window in voxels: images must be at least this large along every axis."""
+    return 2 * int(truncate * sigma + 0.5) + 1
+
+
 def _gaussian_kernel1d(sigma: float, truncate: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The normalised 1D Gaussian of scipy.ndimage.gaussian_filter: radius int(truncate * sigma + 0.5)."""
     radius = int(truncate * sigma + 0.5)
@@ -147,7 +152,7 @@ def _ssim_cs_maps(x: Tensor, y: Tensor, data_range: float, sigma: float, truncat
     if min(x.shape[2:]) < win:
         raise ValueError(f"images of spatial shape {tuple(x.shape[2:])} are smaller than the {win}-voxel "
                          f"Gaussian window (sigma={sigma}, truncate={truncate}); use a smaller sigma, or "
-                         f"ssim_slicewise for volumes with few slices")
+                         f"score volumes with few slices slice by slice (utils.evaluation.image_scores)")
     channels = x.shape[1]
     # One grouped convolution for the five filtered quantities.
     stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
@@ -190,20 +195,6 @@ def ssim(x: Tensor, y: Tensor, data_range: float, *, sigma: float = 1.5, truncat
     if mask is not None:
         mask = _crop_mask(mask, ssim_map.shape[2:])
     return _masked_mean(ssim_map.to(_reduce_dtype(ssim_map)), mask)
-
-
-def ssim_slicewise(x: Tensor, y: Tensor, data_range: float) -> Tensor:
-    """Mean 2D SSIM over the slices along D of (B, C, D, H, W) volumes, per sample (B,).
-
-    The usual number in papers that report "SSIM" for volumes; `ssim` on the same volumes is volumetric.
-    """
-    _check_pair(x, y)
-    if x.ndim != 5:
-        raise ValueError(f"ssim_slicewise expects (B, C, D, H, W) volumes, got shape {tuple(x.shape)}")
-    b, c, d, h, w = x.shape
-    x_slices = x.transpose(1, 2).reshape(b * d, c, h, w)  # (B*D, C, H, W)
-    y_slices = y.transpose(1, 2).reshape(b * d, c, h, w)
-    return ssim(x_slices, y_slices, data_range).reshape(b, d).mean(dim=1)
 
 
 def ms_ssim(x: Tensor, y: Tensor, data_range: float) -> Tensor:
