@@ -16,7 +16,6 @@ from typing import Sequence
 
 import torch
 
-from data.degrade import item_seed
 from data.nifti import (AXIS_LETTERS, SliceDataset, _check_config, _display, _normalization_record, discover_subjects,
                         load_subject_volumes, pad_or_crop, slice_index_of, subject_of, to_slices)
 from utils.config import ConfigError, DataConfig
@@ -39,7 +38,6 @@ class SubjectVolumes:
         subjects = discover_subjects(cfg)
         self.volumes: dict[str, dict[str, torch.Tensor]] = {}
         self.clip_values: dict[str, dict[str, list[float]]] = {}
-        self.degradation_seeds: dict[str, int] = {}
         depth, height, width = cfg.volume_shape
         whole = len(subjects) > 1  # several subjects: every volume is one item of data.volume_shape
         minimum = list(cfg.patch_size or cfg.volume_shape) if not whole else list(cfg.patch_size or [1, 1, 1])
@@ -60,8 +58,6 @@ class SubjectVolumes:
                 name: pad_or_crop(v, size, 0.0 if name in cfg.masks else -1.0).to(
                     torch.int64 if name in cfg.masks else torch.float32).contiguous()
                 for name, v in layout.items()}
-            if cfg.degrade.kind:
-                self.degradation_seeds[subject.subject_id] = item_seed(cfg.degrade.seed, subject.subject_id)
         letter = AXIS_LETTERS[cfg.slice_axis]
         # The units of the split: every slice of every subject, so split.json reads as for 2D data.
         self.item_ids = [f"{sid}/{letter}{i:03d}" for sid, v in self.volumes.items()

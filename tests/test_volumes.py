@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from data import augment, build_datasets, build_mni152_ct_demo, random_patches
+from data import augment, build_datasets, random_patches
 from data.degrade import item_seed
 from data.volumes import SubjectVolumes
 from tests.runs import run_script
@@ -35,13 +35,6 @@ SYNTHETIC_SHAPE = (20, 24, 18)  # (X, Y, Z), RAS at 1 mm: axial (D, H, W) = (18,
 # Data
 
 
-@pytest.fixture(scope="module")
-def ct_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ct") / "demo_mni152_ct"
-    build_mni152_ct_demo(root)
-    return root
-
-
 def ct_cfg(root: Path, **overrides) -> DataConfig:
     settings = dict(root=str(root), dims=3, images=["ct"], normalization="ct", spacing=[4.0, 4.0, 4.0],
                     volume_shape=[DEPTH, SIDE, SIDE], slab_gap=2, image_size=SIDE, resize=False)
@@ -50,17 +43,17 @@ def ct_cfg(root: Path, **overrides) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def ct_run(ct_root, tmp_path_factory):
+def ct_run(ct_demo_root, tmp_path_factory):
     """The CT demo as 3D items with a simulated low-dose image: (datasets, split.json, run folder)."""
     run = tmp_path_factory.mktemp("ct_run")
-    datasets = build_datasets(ct_cfg(ct_root, degrade=LOW_DOSE), run, seed=0)
+    datasets = build_datasets(ct_cfg(ct_demo_root, degrade=LOW_DOSE), run, seed=0)
     return datasets, json.loads((run / "split.json").read_text()), run
 
 
 @pytest.fixture(scope="module")
-def ct_volumes(ct_root) -> dict[str, torch.Tensor]:
+def ct_volumes(ct_demo_root) -> dict[str, torch.Tensor]:
     """The preprocessed demo volume, (1, D, H, W) of every name, built a second time (same degradation seed)."""
-    return SubjectVolumes(ct_cfg(ct_root, degrade=LOW_DOSE)).volumes["mni152"]
+    return SubjectVolumes(ct_cfg(ct_demo_root, degrade=LOW_DOSE)).volumes["mni152"]
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -152,9 +145,9 @@ def test_one_subject_split_by_slabs(ct_run, ct_volumes):
     assert datasets["train"].clip_values == {"mni152": {"ct": [-1000.0, 1000.0]}}
 
 
-def test_one_subject_val_and_test_slabs(ct_root, tmp_path):
+def test_one_subject_val_and_test_slabs(ct_demo_root, tmp_path):
     """Held-out slabs longer than data.volume_shape[0] are cut into consecutive items; a test slab too."""
-    cfg = ct_cfg(ct_root, volume_shape=[8, SIDE, SIDE], val_fraction=0.3, test_fraction=0.2, slab_gap=1)
+    cfg = ct_cfg(ct_demo_root, volume_shape=[8, SIDE, SIDE], val_fraction=0.3, test_fraction=0.2, slab_gap=1)
     datasets = build_datasets(cfg, tmp_path, seed=3)
     split = json.loads((tmp_path / "split.json").read_text())
     volume = SubjectVolumes(cfg).volumes["mni152"]["ct"]
@@ -214,7 +207,7 @@ def test_several_subjects_whole_volumes_padded_and_cropped(tmp_path):
 # 3. Degradation
 
 
-def test_degradation_is_seeded_per_subject_and_recorded(ct_root, ct_run, ct_volumes, tmp_path):
+def test_degradation_is_seeded_per_subject_and_recorded(ct_demo_root, ct_run, ct_volumes):
     datasets, split, _ = ct_run
     ct, ld = ct_volumes["ct"], ct_volumes["ld"]
     head = ct > -0.9
@@ -223,8 +216,9 @@ def test_degradation_is_seeded_per_subject_and_recorded(ct_root, ct_run, ct_volu
     assert torch.corrcoef(torch.stack([ct.flatten(), ld.flatten()]))[0, 1] > 0.9
     assert split["degradation_seeds"] == {"mni152": item_seed(LOW_DOSE.seed, "mni152")}
     # Rebuilt with the same seed (ct_volumes is a second build): identical; with another seed: another noise.
-    assert torch.equal(datasets["val"][0]["ld"], ld[:, slab_range(datasets["val"].item_ids[0])[0]:][:, :DEPTH])
-    other_cfg = ct_cfg(ct_root, degrade=DegradeConfig(kind="low_dose_ct", photons=LOW_DOSE.photons, seed=8))
+    first = slab_range(datasets["val"].item_ids[0])[0]
+    assert torch.equal(datasets["val"][0]["ld"], ld[:, first:first + DEPTH])
+    other_cfg = ct_cfg(ct_demo_root, degrade=DegradeConfig(kind="low_dose_ct", photons=LOW_DOSE.photons, seed=8))
     other = SubjectVolumes(other_cfg)
     assert other.degradation_seeds == {"mni152": item_seed(8, "mni152")} != split["degradation_seeds"]
     assert torch.equal(other.volumes["mni152"]["ct"], ct)
@@ -232,9 +226,9 @@ def test_degradation_is_seeded_per_subject_and_recorded(ct_root, ct_run, ct_volu
     assert (other.volumes["mni152"]["ld"] - ld).abs().mean() > 0.005
 
 
-def test_degraded_slices_match_the_2d_build(ct_root, ct_volumes, tmp_path):
+def test_degraded_slices_match_the_2d_build(ct_demo_root, ct_volumes, tmp_path):
     """The degradation acts on the volume before slicing: the 2D build's ld slices are slices of the 3D ld."""
-    datasets = build_datasets(ct_cfg(ct_root, dims=2, degrade=LOW_DOSE), tmp_path, seed=0)
+    datasets = build_datasets(ct_cfg(ct_demo_root, dims=2, degrade=LOW_DOSE), tmp_path, seed=0)
     split = json.loads((tmp_path / "split.json").read_text())
     assert split["unit"] == "slice" and split["degradation_seeds"] == {"mni152": item_seed(LOW_DOSE.seed, "mni152")}
     compared = 0
@@ -362,18 +356,18 @@ def test_augment_flips_after_the_patch_keep_keys_aligned():
     assert torch.equal(out["ld"], out["hd"] + 0.5) and torch.equal(out["seg"], out["hd"].long())
     flipped = out["hd"][:, 0, 0, 0, 0] > out["hd"][:, 0, 0, 0, -1]
     assert 0 < int(flipped.sum()) < 16
-    # 2D, or 3D without data.patch_size: whole items.
+    # Without data.patch_size: whole items.
     whole = augment(batch, DataConfig(dims=3, volume_shape=[10, 12, 14], flip_prob=0.0))
     assert whole["hd"].shape == batch["hd"].shape
 
 
-def test_volumes_that_cannot_make_items_are_refused(ct_root, tmp_path):
+def test_volumes_that_cannot_make_items_are_refused(ct_demo_root, tmp_path):
     _flat(tmp_path / "flat", (64, 64))
     with pytest.raises(ConfigError, match=r"expected a 3D volume, got shape \(64, 64\) in sub-0/hd\.nii\.gz"):
         SubjectVolumes(DataConfig(root=str(tmp_path / "flat"), dims=3, images=["hd"], volume_shape=[1, 64, 64]))
     # One subject: 48 slices leave no training run of 32 next to a held-out slab of 32.
     with pytest.raises(ConfigError, match=r"the train split has no run of data\.volume_shape\[0\]=32"):
-        build_datasets(ct_cfg(ct_root, volume_shape=[32, SIDE, SIDE]), tmp_path / "run", seed=0)
+        build_datasets(ct_cfg(ct_demo_root, volume_shape=[32, SIDE, SIDE]), tmp_path / "run", seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
