@@ -40,7 +40,7 @@ class SubjectVolumes:
         self.clip_values: dict[str, dict[str, list[float]]] = {}
         depth, height, width = cfg.volume_shape
         whole = len(subjects) > 1  # several subjects: every volume is one item of data.volume_shape
-        minimum = list(cfg.patch_size or cfg.volume_shape) if not whole else list(cfg.patch_size or [1, 1, 1])
+        minimum = list(cfg.patch_size or [1, 1, 1])  # a patch of padding is no training data
         for subject in subjects:
             volumes, self.clip_values[subject.subject_id], _ = load_subject_volumes(subject, cfg, root)
             shown = _display(subject.files[cfg.images[0]], root)
@@ -51,8 +51,7 @@ class SubjectVolumes:
                                   "data.dims=3 needs volumes; use data.dims=2")
             if any(s < m for s, m in zip(shape, minimum)):
                 raise ConfigError(f"{shown} has shape {shape} as (D, H, W) at data.spacing, smaller than "
-                                  f"{'data.patch_size' if cfg.patch_size or whole else 'data.volume_shape'} "
-                                  f"{minimum}: use a smaller patch or a finer data.spacing")
+                                  f"data.patch_size {minimum}: use a smaller patch or a finer data.spacing")
             size = (depth, height, width) if whole else (height, width)
             self.volumes[subject.subject_id] = {
                 name: pad_or_crop(v, size, 0.0 if name in cfg.masks else -1.0).to(
