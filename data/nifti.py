@@ -426,6 +426,11 @@ def _normalization_record(cfg: DataConfig) -> dict:
         record = {"method": "mri_percentile", "percentiles": [float(v) for v in cfg.mri_percentiles],
                   "nonzero_voxels_only": True}
     record.update({"output_range": [-1.0, 1.0], "data_range": DATA_RANGE})
+    if cfg.degrade.kind:  # how the degraded input was simulated (its seed per subject is in split.json)
+        record["degraded_input"] = {"name": cfg.degrade.name, "source": cfg.degrade.source or cfg.images[0],
+                                    "kind": cfg.degrade.kind, "photons": cfg.degrade.photons,
+                                    "factor": list(cfg.degrade.factor), "seed": cfg.degrade.seed,
+                                    "normalised_with": "the source image's clip values"}
     return record
 
 
