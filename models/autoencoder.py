@@ -8,6 +8,7 @@ bring them to unit variance for diffusion are computed over a dataset and stored
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -18,6 +19,7 @@ from diffusers import AutoencoderKL, VQModel
 from torch import Tensor, nn
 
 from models.losses import kl_divergence, vq_loss
+from models.patchvolume import PatchVolume, load_patchvolume
 from utils import metrics
 from utils.config import ConfigError, VAEConfig
 from utils.distributed import gather_objects
@@ -208,32 +210,33 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
 
 def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile_size: int, overlap: int, up: int = 1,
                 down: int = 1) -> Tensor:
-    """fn applied to overlapping tiles of x (B, C, H, W), blended linearly where the tiles overlap.
+    """fn applied to overlapping tiles of x (B, C, H, W) or (B, C, D, H, W), blended linearly where they overlap.
 
-    fn maps a (B, C, h, w) tile to (B, C', h * up / down, w * up / down); tile positions and sizes must be
-    multiples of `down` (the caller checks). Each output pixel is the weighted mean of the tiles covering it,
-    weights ramping linearly across the overlap, so there are no seams.
+    fn maps a (B, C, *tile) tile to (B, C', *tile * up / down); tile positions and sizes must be multiples of
+    `down` (the caller checks). Each output voxel is the weighted mean of the tiles covering it, weights ramping
+    linearly across the overlap, so there are no seams.
 
     Args:
-        tile_size, overlap: in pixels of x.
+        tile_size, overlap: in pixels (voxels) of x, the same along every spatial axis.
     """
-    _, _, height, width = x.shape
+    sizes = x.shape[2:]
     stride = tile_size - overlap
+    blend = overlap * up // down
     out, weight = None, None
-    for top in _starts(height, tile_size, stride):
-        for left in _starts(width, tile_size, stride):
-            h, w = min(tile_size, height), min(tile_size, width)
-            result = fn(x[:, :, top:top + h, left:left + w]).float()
-            if out is None:
-                out = x.new_zeros((x.shape[0], result.shape[1], height * up // down, width * up // down),
-                                  dtype=torch.float32)
-                weight = torch.zeros(out.shape[2:], device=out.device)
-            blend = overlap * up // down
-            mask = _ramp(result.shape[2], blend, out.device)[:, None] * _ramp(result.shape[3], blend, out.device)
-            rows = slice(top * up // down, top * up // down + result.shape[2])
-            cols = slice(left * up // down, left * up // down + result.shape[3])
-            out[:, :, rows, cols] += result * mask
-            weight[rows, cols] += mask
+    for corner in itertools.product(*(_starts(size, tile_size, stride) for size in sizes)):
+        window = tuple(slice(start, start + min(tile_size, size)) for start, size in zip(corner, sizes))
+        result = fn(x[(slice(None), slice(None), *window)]).float()
+        if out is None:
+            out = x.new_zeros((x.shape[0], result.shape[1], *(size * up // down for size in sizes)),
+                              dtype=torch.float32)
+            weight = torch.zeros(out.shape[2:], device=out.device)
+        mask = torch.ones((), device=out.device)
+        for axis, length in enumerate(result.shape[2:]):  # the outer product of one ramp per axis
+            mask = mask[..., None] * _ramp(length, blend, out.device).view(*[1] * axis, length)
+        placed = tuple(slice(start * up // down, start * up // down + length)
+                       for start, length in zip(corner, result.shape[2:]))
+        out[(slice(None), slice(None), *placed)] += result * mask
+        weight[placed] += mask
     return out / weight
 
 
@@ -273,14 +276,19 @@ class FrozenAutoencoder:
         metadata: the export's autoencoder.yaml (inputs, normalisation), or {} for a plain diffusers folder.
     """
 
-    def __init__(self, model: Union[AutoencoderKL, VQModel], device: Union[str, torch.device] = "cpu",
+    def __init__(self, model: Union[AutoencoderKL, VQModel, PatchVolume], device: Union[str, torch.device] = "cpu",
                  tile_size: int = 0, tile_overlap: int = 16, metadata: Optional[dict] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.kind = "vq" if isinstance(model, VQModel) else "kl"
-        self.in_channels = model.config.in_channels
-        self.latent_channels = model.config.latent_channels
-        self.downsample_factor = downsample_factor_of(model)
+        if isinstance(model, PatchVolume):  # 3D: (B, 1, D, H, W) <-> (B, 8, D/f, H/f, W/f)
+            self.kind, self.spatial_dims = "patchvolume", 3
+            self.in_channels, self.latent_channels = model.config.image_channels, model.config.embedding_dim
+            self.downsample_factor = model.config.downsample
+        else:
+            self.kind, self.spatial_dims = ("vq" if isinstance(model, VQModel) else "kl"), 2
+            self.in_channels = model.config.in_channels
+            self.latent_channels = model.config.latent_channels
+            self.downsample_factor = downsample_factor_of(model)
         self.metadata = metadata or {}
         f = self.downsample_factor
         if tile_size and (tile_size % f or tile_overlap % f or not 0 <= tile_overlap < tile_size):
@@ -292,16 +300,21 @@ class FrozenAutoencoder:
     @classmethod
     def load(cls, folder: Union[str, Path], device: Union[str, torch.device] = "cpu", tile_size: int = 0,
              tile_overlap: int = 16) -> "FrozenAutoencoder":
-        """Load an exported final/ (vae/ + autoencoder.yaml), a bare AutoencoderKL/VQModel folder or a diffusers
-        pipeline folder with vae/, from the local disk only."""
+        """Load an exported final/ (vae/ + autoencoder.yaml), a bare AutoencoderKL/VQModel/PatchVolume folder, a
+        diffusers pipeline folder with vae/, or a 3D-MedDiffusion PatchVolume Lightning checkpoint (.ckpt, read
+        without unpickling arbitrary objects), from the local disk only."""
         folder = Path(folder)
+        if folder.suffix == ".ckpt":
+            if not folder.is_file():
+                raise ConfigError(f"PatchVolume checkpoint not found: {folder}")
+            return cls(load_patchvolume(folder), device, tile_size, tile_overlap)
         model_folder = _find_model_folder(folder)
         try:
             class_name = json.loads((model_folder / "config.json").read_text()).get("_class_name")
-            model_class = {c.__name__: c for c in AUTOENCODER_CLASSES.values()}.get(class_name)
+            model_class = {c.__name__: c for c in (*AUTOENCODER_CLASSES.values(), PatchVolume)}.get(class_name)
             if model_class is None:
-                raise ConfigError(f"{model_folder / 'config.json'} describes a {class_name}, not an AutoencoderKL "
-                                  "or VQModel")
+                raise ConfigError(f"{model_folder / 'config.json'} describes a {class_name}, not an AutoencoderKL, "
+                                  "VQModel or PatchVolume")
             model = model_class.from_pretrained(model_folder, local_files_only=True)
         except ConfigError:
             raise
@@ -314,26 +327,31 @@ class FrozenAutoencoder:
         return cls(model, device, tile_size, tile_overlap, metadata)
 
     def _check(self, x: Tensor, what: str, channels: int) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"{what} expects (B, {channels}, H, W), got shape {tuple(x.shape)}")
+        if x.ndim != 2 + self.spatial_dims or x.shape[1] != channels:
+            layout = "H, W" if self.spatial_dims == 2 else "D, H, W"
+            raise ValueError(f"{what} expects (B, {channels}, {layout}), got shape {tuple(x.shape)}")
         return x.to(self.device, self.model.dtype)
 
     def _encode(self, x: Tensor) -> Tensor:
+        if self.kind == "patchvolume":  # the continuous latent, as PatchVolume's own caches hold
+            return self.model.encode(x)
         if self.kind == "vq":
             return self.model.encode(x).latents
         return self.model.encode(x).latent_dist.mean
 
     def _decode(self, z: Tensor) -> Tensor:
+        if self.kind == "patchvolume":  # snaps each voxel to its nearest code: the same per tile as whole
+            return self.model.decode(z)
         if self.kind == "vq":  # latents arrive quantised (see decode), so tiles are not quantised again
             return self.model.decode(z, force_not_quantize=True).sample
         return self.model.decode(z).sample
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """Images (B, in_channels, H, W), H and W multiples of downsample_factor -> raw latents (B, C, H/f, W/f)."""
+        """Images (B, in_channels, *spatial), sides multiples of downsample_factor -> raw latents (B, C, *spatial/f)."""
         x = self._check(x, "encode", self.in_channels)
         f = self.downsample_factor
-        if x.shape[2] % f or x.shape[3] % f:
+        if any(side % f for side in x.shape[2:]):
             raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of the downsampling factor {f}")
         if self.tile_size and max(x.shape[2:]) > self.tile_size:
             return tiled_apply(self._encode, x, self.tile_size, self.tile_overlap, up=1, down=f)
@@ -341,7 +359,8 @@ class FrozenAutoencoder:
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        """Raw latents (B, latent_channels, h, w) -> images (B, in_channels, h*f, w*f); VQ latents are quantised."""
+        """Raw latents (B, latent_channels, *spatial) -> images (B, in_channels, *spatial*f); VQ latents are
+        quantised."""
         z = self._check(z, "decode", self.latent_channels)
         if self.kind == "vq":
             z, _, _ = self.model.quantize(z)

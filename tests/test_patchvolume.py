@@ -219,3 +219,30 @@ def test_constructor_errors_say_what_to_fix():
         PatchVolume(n_hiddens=10, norm_groups=4)
     with pytest.raises(ConfigError, match="does not exist"):
         load_patchvolume("/nonexistent/PatchVolume_8x.ckpt")
+
+
+def test_the_frozen_autoencoder_reads_a_patchvolume_checkpoint(tiny_checkpoint, tmp_path):
+    from models.autoencoder import FrozenAutoencoder
+
+    path, _ = tiny_checkpoint
+    frozen = FrozenAutoencoder.load(path)
+    assert (frozen.kind, frozen.spatial_dims, frozen.in_channels, frozen.latent_channels,
+            frozen.downsample_factor) == ("patchvolume", 3, 1, 4, 4)
+    x = torch.rand(1, 1, 16, 24, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = frozen.encode(x)
+    assert z.shape == (1, 4, 4, 6, 8)
+    torch.testing.assert_close(z, frozen.model.encode(x))  # continuous, as PatchVolume's own caches hold
+    torch.testing.assert_close(frozen.decode(z), frozen.model.decode(z))  # snapped to the nearest codes
+    with pytest.raises(ValueError, match=r"\(B, 1, D, H, W\)"):
+        frozen.encode(x[:, :, 0])
+    # The same weights give the same identity (the latent cache's encoder check); other weights another.
+    assert FrozenAutoencoder.load(path).identity == frozen.identity
+    model = load_patchvolume(path)
+    with torch.no_grad():
+        model.post_vq_conv.bias.add_(1.0)
+    assert FrozenAutoencoder(model).identity != frozen.identity
+    # Tiles: overlapping 16-voxel tiles, blended, cover a volume larger than one tile.
+    tiled = FrozenAutoencoder.load(path, tile_size=16, tile_overlap=8)
+    assert tiled.encode(x).shape == z.shape and tiled.decode(z).shape == x.shape
+    one_tile = x[..., :16, :16, :16]  # a volume that is one tile: the same as without tiling
+    torch.testing.assert_close(tiled.encode(one_tile), frozen.encode(one_tile))
