@@ -21,8 +21,8 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from data import build_datasets
-from data.latent_cache import (FORMAT_VERSION, MANIFEST, check_held_out, masks_at_latent_size, read_shard_tensor,
-                                shard_name)
+from data.latent_cache import (FORMAT_VERSION, LATENT_SUFFIX, MANIFEST, check_held_out, masks_at_latent_size,
+                                read_shard_tensor, shard_name)
 from diffusion.task import fields_from_config
 from models.autoencoder import FrozenAutoencoder
 from utils import config as config_lib
@@ -48,16 +48,25 @@ def plan_shards(datasets: dict, shard_size: int) -> list[dict]:
     return shards
 
 
+def latents_of(inputs: list[str], encode_each: list[str]) -> dict[str, list[str]]:
+    """Latent name -> the images encoded into it: "latent" <- the inputs together, or "<image>_latent" <- each."""
+    if encode_each:
+        return {f"{name}{LATENT_SUFFIX}": [name] for name in encode_each}
+    return {"latent": list(inputs)}
+
+
 @torch.no_grad()
-def encode_shard(autoencoder, dataset, shard: dict, inputs: list[str], fields: dict, batch_size: int) -> dict:
+def encode_shard(autoencoder, dataset, shard: dict, latents: dict[str, list[str]], fields: dict,
+                 batch_size: int) -> dict:
     """Tensors of one shard: raw latents, conditions at latent size, vectors, pixels of held-out items."""
     f = autoencoder.downsample_factor
+    inputs = [name for names in latents.values() for name in names]
     parts: dict[str, list] = {}
     for start in range(0, len(shard["items"]), batch_size):
         indices = range(shard["start"] + start, shard["start"] + min(start + batch_size, len(shard["items"])))
         batch = default_collate([dataset[i] for i in indices])
-        pixels = torch.cat([batch[name] for name in inputs], dim=1)
-        out = {"latent": autoencoder.encode(pixels).cpu()}
+        out = {latent: autoencoder.encode(torch.cat([batch[n] for n in names], dim=1)).cpu()
+               for latent, names in latents.items()}
         for name, field in fields.items():
             if field.kind == "mask":
                 out[name] = masks_at_latent_size(batch[name], field.channels, f).to(torch.int16)
@@ -93,6 +102,8 @@ def main(argv=None):
                                          cfg.latent.tile_overlap)
     # The images the autoencoder was trained on (its export says which); a plain diffusers folder: vae.inputs.
     inputs = [spec["name"] for spec in autoencoder.metadata.get("inputs", [])] or cfg.vae.inputs
+    latents = latents_of(inputs, cfg.latent.encode_each)
+    inputs = [name for names in latents.values() for name in names]  # the pixel images the cache keeps
     if accelerator.is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -101,11 +112,16 @@ def main(argv=None):
     missing = [n for n in inputs if n not in datasets["train"][0]]
     if missing:
         raise ConfigError(f"the autoencoder's inputs {missing} are not in the source data {source.root}")
+    for name in cfg.latent.encode_each:
+        if datasets["train"][0][name].shape[0] != autoencoder.in_channels:
+            raise ConfigError(f"latent.encode_each names '{name}', an image of {datasets['train'][0][name].shape[0]} "
+                              f"channels; the autoencoder encodes {autoencoder.in_channels}")
     check_held_out(autoencoder.metadata.get("train_items"),
                    {name: d.item_ids for name, d in datasets.items() if name != "train"}, cfg.latent.autoencoder,
                    cache_dir)
     shards = plan_shards(datasets, cfg.latent.shard_size)
     identity = {"encoder": autoencoder.identity, "source": dataclasses.asdict(source), "inputs": inputs,
+                **({"encode_each": cfg.latent.encode_each} if cfg.latent.encode_each else {}),
                 "shard_size": cfg.latent.shard_size, "items": [s["items"] for s in shards]}
     identity_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     identity_file = cache_dir / CACHE_IDENTITY
@@ -122,21 +138,24 @@ def main(argv=None):
     logger.info("%d shards (%d items); this process: %d, %d already done", len(shards),
                 sum(len(s["items"]) for s in shards), len(mine), len(mine) - len(todo))
     for shard in tqdm(todo, desc="encode", disable=not accelerator.is_main_process):
-        tensors = encode_shard(autoencoder, datasets[shard["split"]], shard, inputs, fields, cfg.latent.batch_size)
+        tensors = encode_shard(autoencoder, datasets[shard["split"]], shard, latents, fields, cfg.latent.batch_size)
         write_shard(cache_dir / shard["file"], tensors)
     accelerator.wait_for_everyone()
 
     # Manifest: scale/shift from the training latents, then a decode check on held-out items.
     if accelerator.is_main_process:
-        train_latents = torch.cat([read_shard_tensor(cache_dir / s["file"], len(s["items"]), "latent")
-                                   for s in shards if s["split"] == "train"])
+        # One scale and shift over every latent: they come from one encoder, and a shared scale keeps a
+        # degraded latent and its target comparable.
+        train_latents = torch.cat([read_shard_tensor(cache_dir / s["file"], len(s["items"]), latent)
+                                   for s in shards if s["split"] == "train" for latent in latents])
         shift, scale = float(train_latents.mean()), float(1.0 / train_latents.std())
         check = next(s for s in shards if s["split"] != "train")
         count = min(8, len(check["items"]))
+        checked, checked_inputs = next(iter(latents.items()))
         stored = {name: read_shard_tensor(cache_dir / check["file"], len(check["items"]), name)[:count]
-                  for name in ("latent", *inputs)}
-        decoded = autoencoder.decode(stored["latent"]).cpu()
-        reference = torch.cat([stored[n].float() for n in inputs], dim=1)
+                  for name in (checked, *checked_inputs)}
+        decoded = autoencoder.decode(stored[checked]).cpu()
+        reference = torch.cat([stored[n].float() for n in checked_inputs], dim=1)
         recon_psnr = float(psnr(decoded.clamp(-1, 1), reference, data_range=2.0).mean())
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -144,7 +163,7 @@ def main(argv=None):
                         "kind": autoencoder.kind, "downsample_factor": autoencoder.downsample_factor},
             "scale": scale, "shift": shift,
             "latent_shape": list(train_latents.shape[1:]), "dtype": str(train_latents.dtype).replace("torch.", ""),
-            "fields": {"latent": {"kind": "image", "channels": autoencoder.latent_channels},
+            "fields": {**{latent: {"kind": "image", "channels": autoencoder.latent_channels} for latent in latents},
                        **{n: {"kind": f.kind, "channels": f.channels} for n, f in fields.items()}},
             "pixel_inputs": {n: int(datasets["train"][0][n].shape[0]) for n in inputs},
             "source_normalization": datasets["train"].normalization,
@@ -155,7 +174,7 @@ def main(argv=None):
         }
         atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
         logger.info("cache %s: %d items, latent %s, scale %.4f shift %.4f, decoded held-out PSNR %.2f dB",
-                    cache_dir, train_latents.shape[0] + sum(len(s["items"]) for s in shards if s["split"] != "train"),
+                    cache_dir, sum(len(s["items"]) for s in shards),
                     tuple(train_latents.shape[1:]), scale, shift, recon_psnr)
     accelerator.wait_for_everyone()
 

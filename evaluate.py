@@ -27,7 +27,7 @@ from utils import config as config_lib
 from utils import metrics
 from utils.config import ConfigError
 from utils.distributed import check_launch
-from utils.evaluation import SeedItems, evenly_spaced, sample_items, score_item, summarise
+from utils.evaluation import SeedItems, evenly_spaced, sample_items, score_item, shown_condition, summarise
 from utils.logging import setup_logging
 from utils.visualization import (comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours,
                                  volume_figure)
@@ -97,7 +97,7 @@ def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict
         row = {"generated": figure_array(item["generated"][0][shown.name])}
         reference = item["reference"].get(shown.name)
         if item["condition"]:
-            cond = figure_array(next(iter(item["condition"].values())))
+            cond = figure_array(shown_condition(item, shown.name))
             row["condition"] = cond
             if reference is not None and reference.shape[0] == 1 and np.issubdtype(cond.dtype, np.integer) \
                     and cond.shape == figure_array(reference).shape:
@@ -111,7 +111,7 @@ def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict
         generated = item["generated"][0][shown.name]
         if generated.ndim != 4:  # (C, D, H, W) volumes only
             break
-        volumes = {"condition": next(iter(item["condition"].values()), None), "generated": generated,
+        volumes = {"condition": shown_condition(item, shown.name), "generated": generated,
                    "reference": item["reference"].get(shown.name)}
         volumes = {k: v[0] for k, v in volumes.items() if v is not None and v.shape[1:] == generated.shape[1:]}
         name = item["item_id"].replace("/", "__")

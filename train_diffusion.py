@@ -24,7 +24,7 @@ from models.unet2d import build_denoiser
 from utils import config as config_lib
 from utils.checkpoint import load_checkpoint
 from utils.ema import EMA
-from utils.evaluation import evenly_spaced, heldout_loss, mean_scores, sample_items, score_item
+from utils.evaluation import evenly_spaced, heldout_loss, mean_scores, sample_items, score_item, shown_condition
 from utils.export import export_final, export_weights
 from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
@@ -58,13 +58,15 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
                 scores = mean_scores([score_item(scored, it, val.data_range, task.region_mask) for it in items])
                 results.update({f"val/{k}": v for k, v in scores.items()})
             if accelerator.is_main_process:
-                rows = [{"condition": next(iter(it["condition"].values()), None),
+                rows = [{"condition": shown_condition(it, scored[0].name),
                          "generated": it["generated"][0][scored[0].name],
                          "reference": it["reference"].get(scored[0].name)} for it in items]
                 rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
                 path = Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png"
                 if rows[0]["generated"].ndim == 4:  # (C, D, H, W): orthogonal views through the first volume
-                    png = volume_figure({k: v[0] for k, v in rows[0].items()}, path, "orthogonal",
+                    grid = rows[0]["generated"].shape
+                    png = volume_figure({k: v[0] for k, v in rows[0].items() if v.shape[1:] == grid[1:]}, path,
+                                        "orthogonal",
                                         title=f"{items[0]['item_id']}, step {step}", spacing=display_spacing(cfg.data))
                 else:
                     png = comparison_grid([{k: figure_array(v) for k, v in r.items()} for r in rows], path,

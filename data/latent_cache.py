@@ -1,7 +1,7 @@
 """Latent cache: autoencoder latents of a dataset, encoded once (encode_latents.py) and read memory-mapped.
 
 A cache folder holds `manifest.json` and `shard-XXXXX.safetensors`. Each shard holds the items of one split:
-`latent` (N, C, h, w) raw autoencoder latents, masks at latent size (majority label of each f x f block),
+`latent` (N, C, h, w) raw autoencoder latents (or `<image>_latent`, one per image, with latent.encode_each), masks at latent size (majority label of each f x f block),
 vectors (class distributions), and, for held-out shards only, the source images in pixel space so that samples
 can be scored against them without reading the source data. The manifest records the encoder's identity, the
 latent scale/shift (computed from the training latents; applied on read), shapes, the split and the creation
@@ -24,6 +24,12 @@ from utils.logging import get_logger
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+LATENT_SUFFIX = "_latent"  # <image>_latent: that image's own latent (latent.encode_each)
+
+
+def is_latent(name: str) -> bool:
+    """Whether a cache tensor is an autoencoder latent: "latent" (the inputs together) or "<image>_latent"."""
+    return name == "latent" or name.endswith(LATENT_SUFFIX)
 
 
 def shard_name(index: int) -> str:
@@ -107,8 +113,8 @@ def open_shard(path: Path, expected_items: int) -> dict[str, np.memmap]:
                 raise ValueError(f"tensor '{name}' ends at byte {data_start + end} but the file has {size}")
             tensors[name] = np.memmap(path, dtype=NUMPY_DTYPES[spec["dtype"]], mode="r",
                                       offset=data_start + begin, shape=tuple(spec["shape"]))
-        rows = tensors["latent"].shape[0]
-    except (OSError, ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        rows = next(tensor for name, tensor in tensors.items() if is_latent(name)).shape[0]
+    except (OSError, ValueError, KeyError, StopIteration, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"latent cache shard {path} cannot be read ({str(error).splitlines()[0]}); "
                           "delete it and rerun encode_latents.py to re-encode it") from None
     if rows != expected_items:
@@ -183,7 +189,7 @@ class LatentCacheDataset(Dataset):
 
     def _convert(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """Stored dtype -> training dtype; latents normalised to the diffusion space."""
-        if name == "latent":
+        if is_latent(name):
             return (values.float() - self.shift) * self.scale
         field = self.fields.get(name)
         return values.long() if field is not None and field.kind == "mask" else values.float()

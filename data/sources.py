@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from data import build_datasets
-from data.latent_cache import build_cache_datasets, check_encoder
+from data.latent_cache import LATENT_SUFFIX, build_cache_datasets, check_encoder, is_latent
 from diffusion.task import Field, fields_from_config
 from models.autoencoder import FrozenAutoencoder, denormalise
 from utils.checkpoint import atomic_write_text
@@ -29,18 +29,28 @@ class DataBundle:
 
 
 class LatentDecoder:
-    """Turns generated (normalised) latents into source images in [-1, 1], split into the named inputs."""
+    """Turns generated (normalised) latents into source images in [-1, 1]: "latent" split into the named inputs,
+    "<image>_latent" into that image."""
 
     def __init__(self, autoencoder, scale: float, shift: float, pixel_fields: list[Field]):
         self.autoencoder, self.scale, self.shift, self.pixel_fields = autoencoder, scale, shift, pixel_fields
 
+    def images_of(self, latent_name: str) -> list[Field]:
+        """The pixel fields a latent decodes into."""
+        if latent_name == "latent":
+            return self.pixel_fields
+        return [f for f in self.pixel_fields if f"{f.name}{LATENT_SUFFIX}" == latent_name]
+
     def __call__(self, generated: dict) -> dict:
-        latent = generated["latent"]
-        pixels = self.autoencoder.decode(denormalise(latent.float(), self.scale, self.shift)).clamp(-1, 1)
-        out, start = {}, 0
-        for f in self.pixel_fields:
-            out[f.name] = pixels[:, start:start + f.channels].to(latent.device)
-            start += f.channels
+        out = {}
+        for name, latent in generated.items():
+            if not is_latent(name):
+                continue
+            pixels = self.autoencoder.decode(denormalise(latent.float(), self.scale, self.shift)).clamp(-1, 1)
+            start = 0
+            for f in self.images_of(name):
+                out[f.name] = pixels[:, start:start + f.channels].to(latent.device)
+                start += f.channels
         return out
 
 
@@ -60,7 +70,9 @@ def load_data(cfg: Config, run_dir: Path, is_main_process: bool, device) -> Data
     if is_main_process and not split_path.exists():  # the run's split is the cache's
         atomic_write_text(split_path, json.dumps(train.manifest["split"], indent=1))
     decoder = LatentDecoder(autoencoder, train.scale, train.shift, train.pixel_fields)
-    return DataBundle(datasets, train.fields, train.spatial_shape, train.pixel_fields, decoder, autoencoder)
+    # Scored: the images the generated latents decode into (not those of a latent condition, e.g. ld_latent).
+    scored = [f for name in cfg.task.targets if is_latent(name) for f in decoder.images_of(name)]
+    return DataBundle(datasets, train.fields, train.spatial_shape, scored or train.pixel_fields, decoder, autoencoder)
 
 
 def pixel_references(bundle: DataBundle, task) -> list[Field]:

@@ -179,6 +179,9 @@ class LatentConfig:
     autoencoder: str = ""  # folder of an exported (final/) or diffusers-format AutoencoderKL / VQModel
     cache_dir: str = ""  # latent cache written by encode_latents.py and read with data.kind: latent_cache
     source_kind: str = "nifti"  # what encode_latents.py reads with the data section: nifti | tiles
+    # images encoded one at a time, each into its own <name>_latent (e.g. [ct, ld] for low -> high dose); [] = the
+    # autoencoder's inputs together into one "latent"
+    encode_each: list[str] = field(default_factory=list)
     batch_size: int = 16  # items per encoder call, per process
     shard_size: int = 256  # items per cache shard
     tile_size: int = 0  # > 0: encode/decode in overlapping tiles of this many pixels (large images)

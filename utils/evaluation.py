@@ -180,6 +180,14 @@ def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
     return {k: v["mean"] for k, v in summarise(scores).items() if v["mean"] is not None}
 
 
+def shown_condition(item: dict, shown: str) -> Optional[np.ndarray]:
+    """The condition a figure draws beside the generated `shown` image: the first one on its grid (a decoded
+    latent condition rather than the latent), else the first one."""
+    conditions = list(item["condition"].values())
+    grid = item["generated"][0][shown].shape[1:]
+    return next((c for c in conditions if c.shape[1:] == grid), conditions[0] if conditions else None)
+
+
 class SeedItems(torch.utils.data.Dataset):
     """Items of an unconditional task: nothing but an id; the item index seeds the sample."""
 
@@ -220,13 +228,16 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
             # Scored inside the data range [-1, 1], as decoded latents are: overshoot is no intensity.
             decoded.update({f.name: decoded[f.name].clamp(-1, 1) for f in scored if not f.is_mask})
             samples.append({k: v.cpu().numpy() for k, v in decoded.items()})
+        conditions = {f.name: batch[f.name] for f in task.conditions}
+        if to_pixels is not None:  # a latent condition decoded too: the decoded degraded input is the baseline
+            conditions.update(to_pixels(conditions))
         for j in range(real):
             results.append({
                 "index": idx[j],
                 "item_id": batch["item_id"][j],
                 "generated": [{k: v[j] for k, v in sample.items()} for sample in samples],
                 "reference": {f.name: batch[f.name][j].cpu().numpy() for f in scored if f.name in batch},
-                "condition": {f.name: batch[f.name][j].cpu().numpy() for f in task.conditions},
+                "condition": {name: value[j].cpu().numpy() for name, value in conditions.items()},
             })
         if progress is not None:
             progress.update(min(real * accelerator.num_processes, progress.total - progress.n))
