@@ -410,10 +410,11 @@ def _load_subject(subject: Subject, cfg: DataConfig, root: Path
                   ) -> tuple[dict[str, torch.Tensor], list[int], dict[str, list[float]]]:
     """Decode and preprocess one subject: (name -> kept (S, 1, H, W) slices, kept slice indices, clip values)."""
     volumes, clip_values, _ = load_subject_volumes(subject, cfg, root)
-    slices = {name: fit_slices(to_slices(volume.float(), cfg.slice_axis), cfg.image_size, cfg.resize,
-                               volume.dtype == torch.int64)
-              for name, volume in volumes.items()}
-    slices = {name: tensor.long() if volumes[name].dtype == torch.int64 else tensor for name, tensor in slices.items()}
+    slices = {}
+    for name, volume in volumes.items():
+        is_mask = volume.dtype == torch.int64
+        fitted = fit_slices(to_slices(volume.float(), cfg.slice_axis), cfg.image_size, cfg.resize, is_mask)
+        slices[name] = fitted.long() if is_mask else fitted
     keep = keep_slices(slices, cfg)
     kept = {name: tensor[keep] for name, tensor in slices.items()}
     return kept, torch.nonzero(keep).flatten().tolist(), clip_values

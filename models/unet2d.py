@@ -29,20 +29,21 @@ def build_unet2d(cfg: ModelConfig, in_channels: int, out_channels: int, sample_s
     up = tuple("AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(cfg.attention_levels))
     unet = UNet2DModel(
         sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=out_channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        dropout=cfg.dropout,
-        class_embed_type="identity" if vector_condition else None,
+        **unet_arguments(cfg, in_channels, out_channels, vector_condition),
     )
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
+
+
+def unet_arguments(cfg: ModelConfig, in_channels: int, out_channels: int, vector_condition: bool) -> dict:
+    """The settings the 2D and the 3D UNet both take from the `model` section."""
+    return dict(in_channels=in_channels, out_channels=out_channels, layers_per_block=cfg.layers_per_block,
+                attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
+                class_embed_type="identity" if vector_condition else None)
 
 
 def check_unet_config(cfg: ModelConfig, sample_size: int = 0) -> None:

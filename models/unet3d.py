@@ -259,21 +259,15 @@ def build_unet3d(cfg: ModelConfig, in_channels: int, out_channels: int, spatial_
         spatial_shape: (D, H, W) of the generated volumes.
         vector_condition: accept a class embedding (computed by `Denoiser`) added to the time embedding.
     """
-    from models.unet2d import check_unet_config  # imported here: models.unet2d imports this module
+    from models.unet2d import check_unet_config, unet_arguments  # imported here: models.unet2d imports this module
 
     check_unet_config(cfg)
     check_unet3d_shape(cfg, spatial_shape)
     unet = UNet3DModel(
         sample_size=[int(s) for s in spatial_shape],
-        in_channels=in_channels,
-        out_channels=out_channels,
         block_out_channels=list(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
         attention_levels=list(cfg.attention_levels),
-        attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        dropout=cfg.dropout,
-        class_embed_type="identity" if vector_condition else None,
+        **unet_arguments(cfg, in_channels, out_channels, vector_condition),
     )
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
