@@ -24,7 +24,7 @@ from data import build_datasets
 from data.latent_cache import (FORMAT_VERSION, LATENT_SUFFIX, MANIFEST, check_held_out, masks_at_latent_size,
                                 read_shard_tensor, shard_name)
 from diffusion.task import fields_from_config
-from models.autoencoder import FrozenAutoencoder
+from models.autoencoder import FrozenAutoencoder, check_codebook_scaling, latent_scaling
 from utils import config as config_lib
 from utils.checkpoint import atomic_write_text
 from utils.config import ConfigError
@@ -100,6 +100,8 @@ def main(argv=None):
     # Encoder, source data, shard plan.
     autoencoder = FrozenAutoencoder.load(cfg.latent.autoencoder, accelerator.device, cfg.latent.tile_size,
                                          cfg.latent.tile_overlap)
+    if cfg.latent.scaling == "codebook_minmax":
+        check_codebook_scaling(autoencoder.model)
     # The images the autoencoder was trained on (its export says which); a plain diffusers folder: vae.inputs.
     inputs = [spec["name"] for spec in autoencoder.metadata.get("inputs", [])] or cfg.vae.inputs
     latents = latents_of(inputs, cfg.latent.encode_each)
@@ -142,13 +144,13 @@ def main(argv=None):
         write_shard(cache_dir / shard["file"], tensors)
     accelerator.wait_for_everyone()
 
-    # Manifest: scale/shift from the training latents, then a decode check on held-out items.
+    # Manifest: scale/shift (from the training latents or the codebook), then a decode check on held-out items.
     if accelerator.is_main_process:
         # One scale and shift over every latent: they come from one encoder, and a shared scale keeps a
         # degraded latent and its target comparable.
         train_latents = torch.cat([read_shard_tensor(cache_dir / s["file"], len(s["items"]), latent)
                                    for s in shards if s["split"] == "train" for latent in latents])
-        shift, scale = float(train_latents.mean()), float(1.0 / train_latents.std())
+        scale, shift = latent_scaling(cfg.latent.scaling, train_latents, autoencoder.model)
         check = next(s for s in shards if s["split"] != "train")
         count = min(8, len(check["items"]))
         checked, checked_inputs = next(iter(latents.items()))
@@ -161,7 +163,7 @@ def main(argv=None):
             "format_version": FORMAT_VERSION,
             "encoder": {"identity": autoencoder.identity, "folder": str(cfg.latent.autoencoder),
                         "kind": autoencoder.kind, "downsample_factor": autoencoder.downsample_factor},
-            "scale": scale, "shift": shift,
+            "scaling": cfg.latent.scaling, "scale": scale, "shift": shift,
             "latent_shape": list(train_latents.shape[1:]), "dtype": str(train_latents.dtype).replace("torch.", ""),
             "fields": {**{latent: {"kind": "image", "channels": autoencoder.latent_channels} for latent in latents},
                        **{n: {"kind": f.kind, "channels": f.channels} for n, f in fields.items()}},

@@ -1,10 +1,12 @@
-"""Train a 2D autoencoder (KL-VAE or VQ-AE) for latent diffusion, with optional perceptual and PatchGAN losses.
+"""Train an autoencoder (KL or VQ) for latent diffusion, with optional perceptual and PatchGAN losses.
 
     accelerate launch train_vae.py --config configs/demo_vae.yaml [section.key=value ...]
 
-Rerunning the same command continues the run from its newest complete checkpoint (training.resume=auto). The
-export final/vae loads with AutoencoderKL.from_pretrained(final, subfolder="vae") (VQModel for vae.kind=vq), and
-final/ is what latent.autoencoder names for encode_latents.py.
+2D slices and tiles train a diffusers AutoencoderKL / VQModel; 3D volumes (data.dims: 3) a PatchVolume, on random
+patches (data.patch_size) with a 2.5D perceptual loss and a 3D PatchGAN. Rerunning the same command continues the
+run from its newest complete checkpoint (training.resume=auto). The export final/vae loads with
+AutoencoderKL.from_pretrained(final, subfolder="vae") (VQModel for vae.kind=vq, PatchVolume in 3D), and final/ is
+what latent.autoencoder names for encode_latents.py.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from accelerate.utils import set_seed
 
 from data import augment, build_datasets
 from data.arrays import to_device
-from models.autoencoder import (TrainableAutoencoder, build_autoencoder, describe_autoencoder, export_autoencoder,
-                                score_reconstructions)
+from models.autoencoder import (TrainableAutoencoder, build_autoencoder, check_autoencoder_config,
+                                describe_autoencoder, export_autoencoder, score_reconstructions)
 from models.discriminator import PatchDiscriminator
 from models.losses import AutoencoderLoss
 from utils import config as config_lib
@@ -43,6 +45,14 @@ def check_config(cfg) -> None:
     if masks or not cfg.vae.inputs:
         raise ConfigError(f"vae.inputs={cfg.vae.inputs}: name image modalities from data.images {cfg.data.images}; "
                           "label masks are not supported as autoencoder input")
+    # Training patches and the whole held-out volumes both go through the autoencoder.
+    for shape in (cfg.data.training_shape(), cfg.data.volume_shape if cfg.data.dims == 3 else []):
+        check_autoencoder_config(cfg.vae, shape)
+    smallest = PatchDiscriminator.min_input_size(cfg.vae.disc_layers)
+    if cfg.vae.disc_weight > 0 and min(cfg.data.training_shape()) < smallest:
+        raise ConfigError(f"vae.disc_layers={cfg.vae.disc_layers} needs training samples of at least {smallest} per "
+                          f"side, got {cfg.data.training_shape()} (data.patch_size / volume_shape / image_size); "
+                          "use fewer discriminator layers")
     if cfg.vae.disc_weight > 0 and cfg.training.mixed_precision == "fp16":
         # One loss scaler shared by two optimizers would unscale the discriminator's gradients twice.
         raise ConfigError("training.mixed_precision=fp16 is not supported with vae.disc_weight > 0; use bf16")
@@ -59,7 +69,8 @@ def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log,
         items = score_reconstructions(net, val, indices, cfg.vae.inputs, cfg.training.batch_size, accelerator,
                                       loss_fn.reconstruction, shown)
         net.train()
-        results = {f"val/{k}": float(np.mean([it[k] for it in items])) for k in ("psnr", "ssim", "rec_loss")}
+        names = [k for k in ("psnr", "ssim", "psnr_3d", "ssim_3d", "rec_loss") if k in items[0]]
+        results = {f"val/{k}": float(np.nanmean([it[k] for it in items])) for k in names}
         metrics_log.log(results, step)
         if accelerator.is_main_process:
             # Reconstruction | input | |error|, the first channel of each (RGB tiles stay RGB).
@@ -81,7 +92,7 @@ def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log,
 
 def main(argv=None):
     # Configuration and launch checks.
-    _, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo_vae.yaml")
+    _, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo_vae.yaml", denoiser=False)
     check_config(cfg)
     accelerator, logger, run_dir, checkpoints, resume_from = start_training_run(cfg)
 
@@ -94,7 +105,7 @@ def main(argv=None):
     channels = {n: int(datasets["train"][0][n].shape[0]) for n in cfg.vae.inputs}
     loss_fn = AutoencoderLoss(cfg.vae, accelerator.device)
     set_seed(cfg.run.seed)  # the initial weights
-    vae = build_autoencoder(cfg.vae, sum(channels.values()), cfg.data.image_size)
+    vae = build_autoencoder(cfg.vae, sum(channels.values()), cfg.data.training_shape())
     model = TrainableAutoencoder(vae)
     optimizer = build_optimizer(model.parameters(), cfg.training)
     # LR schedulers are stepped by hand once per optimizer step (see train_diffusion.py).
@@ -103,7 +114,7 @@ def main(argv=None):
     adversarial, extra = cfg.vae.disc_weight > 0, {}
     if adversarial:
         disc = PatchDiscriminator(sum(channels.values()), cfg.vae.disc_channels, cfg.vae.disc_layers,
-                                  norm_num_groups=cfg.vae.norm_num_groups)
+                                  norm_num_groups=cfg.vae.norm_num_groups, spatial_dims=cfg.data.dims)
         disc_optimizer = build_optimizer(disc.parameters(), cfg.training)
         disc_scheduler = build_lr_scheduler(disc_optimizer, cfg.training)
         model, optimizer, disc, disc_optimizer = accelerator.prepare(model, optimizer, disc, disc_optimizer)
@@ -111,8 +122,8 @@ def main(argv=None):
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(model, cfg.training.ema_decay, cfg.training.ema_warmup) if cfg.training.ema_decay > 0 else None
-    description = describe_autoencoder(vae, channels, datasets["train"], cfg.data.image_size)
-    logger.info("%d train / %d val slices; %s %.2fM parameters, latents %s", len(datasets["train"]),
+    description = describe_autoencoder(vae, channels, datasets["train"], cfg.data.training_shape())
+    logger.info("%d train / %d val items; %s %.2fM parameters, latents %s", len(datasets["train"]),
                 len(datasets["val"]), type(vae).__name__, sum(p.numel() for p in vae.parameters()) / 1e6,
                 description["latent_shape"])
 
@@ -148,7 +159,7 @@ def main(argv=None):
                 batch = next(batches)
                 logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
                 batch = augment(to_device(batch, accelerator.device), cfg.data)
-                x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, H, W)
+                x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, *spatial)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                     loss, reconstruction, values = loss_fn(model, x, bare_disc if gan else None, last_layer)
                 accelerator.backward(loss.mean() / accum)

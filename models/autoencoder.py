@@ -1,5 +1,5 @@
-"""2D autoencoders for latent diffusion: the diffusers AutoencoderKL / VQModel builder, the training wrapper, and
-the frozen encode/decode interface that the latent cache and evaluation use.
+"""Autoencoders for latent diffusion: the builder (diffusers AutoencoderKL / VQModel in 2D, PatchVolume in 3D), the
+training wrapper, and the frozen encode/decode interface that the latent cache and evaluation use.
 
 Latents here are always raw: the KL posterior mean, or the VQ pre-quantisation latent. The scale and shift that
 bring them to unit variance for diffusion are computed over a dataset and stored in the latent cache manifest
@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -20,18 +20,21 @@ from torch import Tensor, nn
 
 from models.losses import kl_divergence, vq_loss
 from models.patchvolume import PatchVolume, load_patchvolume
-from utils import metrics
 from utils.config import ConfigError, VAEConfig
 from utils.distributed import gather_objects
-from utils.evaluation import sharded_batches
+from utils.evaluation import image_scores, sharded_batches
 from utils.export import gather_full_state, save_diffusers_model, write_on_rank0
 
 AUTOENCODER_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
 METADATA_FILE = "autoencoder.yaml"  # written beside vae/ in an exported final/ folder
 
 
-def check_autoencoder_config(cfg: VAEConfig, sample_size: int = 0) -> None:
-    """ConfigError naming the key for a `vae` section no autoencoder can be built from (sample_size 0: unknown)."""
+def check_autoencoder_config(cfg: VAEConfig, sample_shape: Sequence[int] = ()) -> None:
+    """ConfigError naming the key for a `vae` section no autoencoder can be built from.
+
+    Args:
+        sample_shape: the training image's (or patch's) spatial sizes; () when not known yet.
+    """
     if cfg.kind not in AUTOENCODER_CLASSES:
         raise ConfigError(f"vae.kind='{cfg.kind}' is not one of {list(AUTOENCODER_CLASSES)}")
     levels = len(cfg.block_out_channels)
@@ -46,25 +49,38 @@ def check_autoencoder_config(cfg: VAEConfig, sample_size: int = 0) -> None:
     if cfg.kind == "vq" and cfg.num_vq_embeddings < 2:
         raise ConfigError(f"vae.num_vq_embeddings must be at least 2, got {cfg.num_vq_embeddings}")
     factor = 2 ** (levels - 1)
-    if sample_size and sample_size % factor:
-        raise ConfigError(f"data.image_size={sample_size} must be divisible by {factor}, the downsampling of "
-                          f"{levels} vae.block_out_channels levels")
+    if any(side % factor for side in sample_shape):
+        raise ConfigError(f"the training size {list(sample_shape)} (data.image_size, data.volume_shape or "
+                          f"data.patch_size) must be divisible by {factor}, the downsampling of {levels} "
+                          "vae.block_out_channels levels")
 
 
-def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_size: int = 0) -> Union[AutoencoderKL, VQModel]:
-    """An AutoencoderKL (vae.kind=kl) or VQModel (vq) with one DownEncoderBlock2D / UpDecoderBlock2D per width.
+def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_shape: Sequence[int] = ()
+                      ) -> Union[AutoencoderKL, VQModel, PatchVolume]:
+    """The autoencoder for `len(sample_shape)`-D images, one resolution level per `vae.block_out_channels` width.
+
+    2D: an AutoencoderKL (vae.kind=kl) or VQModel (vq) with one DownEncoderBlock2D / UpDecoderBlock2D per width.
+    3D: a PatchVolume (the architecture of 3D-MedDiffusion's autoencoder) with a Gaussian posterior (kl) or an EMA
+    codebook with dead-code restarts (vq); `vae.block_out_channels: [48, 96, 192, 192]`, `latent_channels: 8`,
+    `layers_per_block: 2`, `norm_num_groups: 24` and `num_vq_embeddings: 8192` build the public 8x model.
 
     Args:
         in_channels: channels of the concatenated `vae.inputs`; the decoder outputs as many.
-        sample_size: the training image size (recorded in the model config; 0 = not checked).
+        sample_shape: the training image's (patch's) spatial sizes: two or three of them.
     """
-    check_autoencoder_config(cfg, sample_size)
+    check_autoencoder_config(cfg, sample_shape)
     levels = len(cfg.block_out_channels)
+    if len(sample_shape) == 3:
+        return PatchVolume(n_hiddens=cfg.block_out_channels[0], downsample=2 ** (levels - 1),
+                           embedding_dim=cfg.latent_channels, n_codes=cfg.num_vq_embeddings, image_channels=in_channels,
+                           norm_groups=cfg.norm_num_groups, kind=cfg.kind, block_out_channels=list(cfg.block_out_channels),
+                           layers_per_block=cfg.layers_per_block, codebook_decay=cfg.codebook_decay,
+                           restart_threshold=cfg.restart_threshold)
     common = dict(in_channels=in_channels, out_channels=in_channels,
                   down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
                   block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
                   latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-                  sample_size=sample_size or 32,
+                  sample_size=sample_shape[0] if sample_shape else 32,
                   # 1.0: the latent scale lives in the latent cache manifest, not in the model.
                   scaling_factor=1.0)
     if cfg.kind == "vq":
@@ -72,28 +88,38 @@ def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_size: int = 0) ->
     return AutoencoderKL(**common)
 
 
-def downsample_factor_of(vae: Union[AutoencoderKL, VQModel]) -> int:
+def downsample_factor_of(vae: Union[AutoencoderKL, VQModel, PatchVolume]) -> int:
+    if isinstance(vae, PatchVolume):
+        return vae.config.downsample
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def latent_channels_of(vae: Union[AutoencoderKL, VQModel, PatchVolume]) -> int:
+    return vae.config.embedding_dim if isinstance(vae, PatchVolume) else vae.config.latent_channels
+
+
 class TrainableAutoencoder(nn.Module):
-    """model(x) -> (reconstruction, regulariser (B,)): the KL divergence (kl) or codebook + commitment loss (vq).
+    """model(x) -> (reconstruction, regulariser (B,)): the KL divergence (kl) or codebook + commitment loss (vq;
+    commitment only for the 3D EMA codebook).
 
     One forward for the whole autoencoder, so DDP sees every parameter used in one call; holds no weights of its
     own, so `wrapper.vae` is exactly what `final/vae` exports.
     """
 
-    def __init__(self, vae: Union[AutoencoderKL, VQModel]):
+    def __init__(self, vae: Union[AutoencoderKL, VQModel, PatchVolume]):
         super().__init__()
         self.vae = vae
         self.is_vq = isinstance(vae, VQModel)
+        self.is_3d = isinstance(vae, PatchVolume)
 
     @property
     def last_layer(self) -> Tensor:
         """Weight of the decoder's output convolution, where the adaptive GAN weight is measured."""
-        return self.vae.decoder.conv_out.weight
+        return self.vae.last_layer if self.is_3d else self.vae.decoder.conv_out.weight
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.is_3d:
+            return self.vae.autoencode(x)
         if self.is_vq:
             latents = self.vae.encode(x).latents  # (B, C, h, w) before quantisation
             quantised, _, (_, _, indices) = self.vae.quantize(latents)  # straight-through estimator
@@ -108,6 +134,8 @@ class TrainableAutoencoder(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Deterministic reconstruction (posterior mean, or quantised latent), for validation."""
+        if self.is_3d:
+            return self.vae(x)
         if self.is_vq:
             return self.vae.decode(self.vae.encode(x).latents).sample
         return self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
@@ -134,22 +162,25 @@ def export_autoencoder(folder: Path, vae: Union[AutoencoderKL, VQModel], descrip
     return write_on_rank0(folder, write)
 
 
-def describe_autoencoder(vae: Union[AutoencoderKL, VQModel], inputs: dict[str, int], dataset,
-                         image_size: int) -> dict:
+def describe_autoencoder(vae: Union[AutoencoderKL, VQModel, PatchVolume], inputs: dict[str, int], dataset,
+                         sample_shape: Sequence[int]) -> dict:
     """autoencoder.yaml: what a user (and encode_latents.py) needs to feed the model, and the items it was
     trained on (encode_latents.py refuses a cache that holds any of them out).
 
     Args:
         inputs: input name -> channels, in the order they are concatenated.
         dataset: the training dataset (its `normalization` record, `data_range` and `item_ids`).
+        sample_shape: the spatial sizes it was trained at (image, or 3D patch).
     """
-    factor, channels = downsample_factor_of(vae), vae.config.latent_channels
-    return {"kind": "vq" if isinstance(vae, VQModel) else "kl", "class": type(vae).__name__,
+    factor, channels = downsample_factor_of(vae), latent_channels_of(vae)
+    kind = ("vq" if vae.is_vq else "kl") if isinstance(vae, PatchVolume) else (
+        "vq" if isinstance(vae, VQModel) else "kl")
+    return {"kind": kind, "class": type(vae).__name__,
             "inputs": [{"name": n, "kind": "image", "channels": c} for n, c in inputs.items()],
             "input_layout": "the inputs' channels concatenated on dim 1, in this order",
-            "normalization": dataset.normalization, "data_range": dataset.data_range, "image_size": image_size,
-            "downsample_factor": factor, "latent_channels": channels,
-            "latent_shape": [channels, image_size // factor, image_size // factor],
+            "normalization": dataset.normalization, "data_range": dataset.data_range,
+            "sample_shape": list(sample_shape), "downsample_factor": factor, "latent_channels": channels,
+            "latent_shape": [channels, *(side // factor for side in sample_shape)],
             "latents": "raw (KL posterior mean / VQ pre-quantisation latent); the scale and shift for diffusion "
                        "live in the latent cache manifest",
             "train_items": list(dataset.item_ids)}
@@ -160,19 +191,20 @@ def score_reconstructions(net: TrainableAutoencoder, dataset, indices: list[int]
                           accelerator, rec_loss: Callable[[Tensor, Tensor], Tensor], keep=frozenset()) -> list[dict]:
     """Deterministic reconstructions of the items in `indices`, split across processes and gathered.
 
-    Returns, on every process and in index order, one dict per item: index, item_id, psnr, ssim, rec_loss and,
-    for indices in `keep`, the input and its reconstruction as arrays (C, H, W) for figures.
+    Returns, on every process and in index order, one dict per item: index, item_id, the `image_scores` of the
+    reconstruction against its input (volumes slice-wise, plus ssim_3d and psnr_3d), rec_loss and, for indices in
+    `keep`, the input and its reconstruction as arrays (C, *spatial) for figures.
     """
     rows = []
     for idx, real, batch in sharded_batches(dataset, indices, batch_size, accelerator.process_index,
                                             accelerator.num_processes, accelerator.device):
-        x = torch.cat([batch[n].float() for n in inputs], dim=1)  # (B, C, H, W)
+        x = torch.cat([batch[n].float() for n in inputs], dim=1)  # (B, C, *spatial)
         with accelerator.autocast():
             reconstruction = net.reconstruct(x).float()
-        scores = zip(metrics.psnr(reconstruction, x, dataset.data_range).tolist(),
-                     metrics.ssim(reconstruction, x, dataset.data_range).tolist(), rec_loss(x, reconstruction).tolist())
-        for j, (psnr, ssim, loss) in zip(range(real), scores):
-            rows.append({"index": idx[j], "item_id": batch["item_id"][j], "psnr": psnr, "ssim": ssim, "rec_loss": loss})
+        losses = rec_loss(x, reconstruction).tolist()
+        for j in range(real):
+            scores = image_scores(reconstruction[j:j + 1], x[j:j + 1], dataset.data_range)
+            rows.append({"index": idx[j], "item_id": batch["item_id"][j], **scores, "rec_loss": losses[j]})
             if idx[j] in keep:
                 rows[-1].update(input=x[j].cpu().numpy(), reconstruction=reconstruction[j].cpu().numpy())
     return sorted((r for part in gather_objects(rows) for r in part), key=lambda r: r["index"])
@@ -180,6 +212,27 @@ def score_reconstructions(net: TrainableAutoencoder, dataset, indices: list[int]
 
 # ----------------------------------------------------------------------------------------------------------
 # Latent normalisation (the parameters come from the latent cache manifest).
+
+def latent_scaling(how: str, train_latents: Tensor, model: nn.Module) -> tuple[float, float]:
+    """(scale, shift) of the latent normalisation `latent.scaling`.
+
+    std: unit variance and zero mean over the training latents (one scalar pair for every channel).
+    codebook_minmax: 3D-MedDiffusion's mapping of a VQ codebook's global range [min E, max E] onto [-1, 1], so that
+    latents of a PatchVolume checkpoint are scaled as its authors' diffusion models expect.
+    """
+    if how == "codebook_minmax":
+        check_codebook_scaling(model)
+        low, high = float(model.codebook.embeddings.min()), float(model.codebook.embeddings.max())
+        return 2.0 / (high - low), (high + low) / 2
+    return float(1.0 / train_latents.std()), float(train_latents.mean())
+
+
+def check_codebook_scaling(model: nn.Module) -> None:
+    if not (isinstance(model, PatchVolume) and model.is_vq):
+        raise ConfigError(f"latent.scaling=codebook_minmax needs a 3D VQ autoencoder (PatchVolume with a codebook), "
+                          f"not a {type(model).__name__}{'' if not isinstance(model, PatchVolume) else ' (kl)'}; "
+                          "use latent.scaling=std")
+
 
 def normalise(z: Tensor, scale: float, shift: float) -> Tensor:
     """Raw latent -> diffusion space: (z - shift) * scale."""
@@ -280,15 +333,12 @@ class FrozenAutoencoder:
                  tile_size: int = 0, tile_overlap: int = 16, metadata: Optional[dict] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
-        if isinstance(model, PatchVolume):  # 3D: (B, 1, D, H, W) <-> (B, 8, D/f, H/f, W/f)
-            self.kind, self.spatial_dims = "patchvolume", 3
-            self.in_channels, self.latent_channels = model.config.image_channels, model.config.embedding_dim
-            self.downsample_factor = model.config.downsample
+        if isinstance(model, PatchVolume):  # 3D: (B, C, D, H, W) <-> (B, latent, D/f, H/f, W/f)
+            self.kind, self.spatial_dims, self.in_channels = "patchvolume", 3, model.config.image_channels
         else:
             self.kind, self.spatial_dims = ("vq" if isinstance(model, VQModel) else "kl"), 2
             self.in_channels = model.config.in_channels
-            self.latent_channels = model.config.latent_channels
-            self.downsample_factor = downsample_factor_of(model)
+        self.latent_channels, self.downsample_factor = latent_channels_of(model), downsample_factor_of(model)
         self.metadata = metadata or {}
         f = self.downsample_factor
         if tile_size and (tile_size % f or tile_overlap % f or not 0 <= tile_overlap < tile_size):

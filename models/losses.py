@@ -1,7 +1,8 @@
 """Autoencoder losses: reconstruction, perceptual, KL / VQ regularisers, adversarial, and the adaptive GAN weight.
 
-Each loss returns one value per sample, shape (B,); the training loop reduces. `AutoencoderLoss` puts the
-generator side together as in Esser et al. 2021 (taming transformers) and Rombach et al. 2022 (latent diffusion):
+Each loss returns one value per sample, shape (B,), of images (B, C, H, W) or volumes (B, C, D, H, W); the
+training loop reduces. `AutoencoderLoss` puts the generator side together as in Esser et al. 2021 (taming
+transformers) and Rombach et al. 2022 (latent diffusion):
     reconstruction + perceptual_weight * perceptual + kl_weight * KL (or codebook_weight * VQ)
     + disc_weight * adaptive_weight * generator adversarial loss.
 """
@@ -46,9 +47,24 @@ class PerceptualLoss:
     tensors (several layers). Each layer's features are unit-normalised over their channel dimension, as in LPIPS
     (Zhang et al. 2018, without the learned per-channel weights), and the squared distances are averaged over
     positions and summed over layers. Gradients flow to the reconstruction, never into the network.
+
+    Volumes (B, C, D, H, W) get a 2.5D loss: the feature network is 2D (pretrained 3D feature networks are rare and
+    costly), so it compares slices. Slices in all three orientations (axial (C, H, W) at a depth index, coronal
+    (C, D, W) at a height index, sagittal (C, D, H) at a width index) so that structure across the slice plane is
+    judged too, not only in-plane texture. `slices_per_axis` distinct random indices per axis and sample (the same
+    for x and the reconstruction) keep the cost at 3 * slices_per_axis 2D images per volume; over steps every slice
+    is seen. The loss is the mean over those slices. The indices come from torch's global (CPU) RNG, which the
+    training loop reseeds every step, so a resumed run draws the same slices.
+
+    Args:
+        path: the TorchScript file (vae.perceptual_network).
+        device: where the network runs.
+        slices_per_axis: random slices per axis and volume (vae.perceptual_slices); unused for images.
     """
 
-    def __init__(self, path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
+    def __init__(self, path: Union[str, Path], device: Union[str, torch.device] = "cpu", slices_per_axis: int = 2):
+        if slices_per_axis < 1:
+            raise ConfigError(f"vae.perceptual_slices must be at least 1, got {slices_per_axis}")
         try:
             self.network = FeatureExtractor(path, device).network
         except ConfigError as error:
@@ -56,6 +72,7 @@ class PerceptualLoss:
         for param in self.network.parameters():  # ScriptModules have no requires_grad_()
             param.requires_grad_(False)
         self.path = Path(path)
+        self.slices_per_axis = slices_per_axis
 
     def _features(self, images: Tensor) -> list[Tensor]:
         out = self.network(images.float())
@@ -65,20 +82,50 @@ class PerceptualLoss:
                               f"of them, got shapes {[tuple(f.shape) for f in layers]}")
         return [f / (f.norm(dim=1, keepdim=True) + 1e-10) for f in layers]
 
-    def __call__(self, x: Tensor, reconstruction: Tensor) -> Tensor:
+    def _distance(self, x: Tensor, reconstruction: Tensor) -> Tensor:
+        """Per-image feature distance of (N, C, H, W) images, (N,)."""
         with torch.no_grad():
             reference = self._features(x)
         generated = self._features(reconstruction)
         return sum((g - r).square().sum(dim=1).flatten(1).mean(dim=1) for g, r in zip(generated, reference))
 
+    def slice_indices(self, shape: torch.Size) -> list[Tensor]:
+        """For volumes of `shape` (B, C, D, H, W): per spatial axis, (B, slices_per_axis) distinct random slice
+        indices, drawn on the CPU so that they do not depend on the device."""
+        b, k = shape[0], self.slices_per_axis
+        if any(size < k for size in shape[2:]):
+            raise ConfigError(f"vae.perceptual_slices={k} distinct slices per axis do not fit a {tuple(shape[2:])} "
+                              f"volume; lower it or use larger volumes (data.patch_size)")
+        return [torch.rand(b, size).argsort(dim=1)[:, :k] for size in shape[2:]]
+
+    def __call__(self, x: Tensor, reconstruction: Tensor) -> Tensor:
+        if x.ndim == 4:  # (B, C, H, W)
+            return self._distance(x, reconstruction)
+        if x.ndim != 5 or reconstruction.shape != x.shape:
+            raise ValueError(f"perceptual loss takes (B, C, H, W) or (B, C, D, H, W) pairs of one shape, got "
+                             f"{tuple(x.shape)} and {tuple(reconstruction.shape)}")
+        b, k = x.shape[0], self.slices_per_axis
+        rows = torch.arange(b, device=x.device)[:, None]
+        per_axis = []
+        # Axis 2 gives axial (C, H, W) slices, 3 coronal (C, D, W), 4 sagittal (C, D, H): one batch per axis, as
+        # the orientations differ in shape.
+        for axis, index in zip((2, 3, 4), self.slice_indices(x.shape)):
+            index = index.to(x.device)
+            slices = [v.movedim(axis, 1)[rows, index].flatten(0, 1) for v in (x, reconstruction)]  # (B * k, C, ., .)
+            per_axis.append(self._distance(*slices).view(b, k).mean(dim=1))
+        return torch.stack(per_axis, dim=1).mean(dim=1)  # every axis has k slices: the mean over all 3 * k
+
 
 def kl_divergence(posterior) -> Tensor:
-    """KL(posterior || N(0, I)) of a diffusers DiagonalGaussianDistribution, summed over latent elements, (B,).
+    """KL(posterior || N(0, I)) of a diagonal Gaussian (diffusers' DiagonalGaussianDistribution or anything with
+    `mean` and `logvar`), summed over all latent elements, (B,), for 2D or 3D latents.
 
     Summed, as in latent diffusion and MONAI: with a per-pixel mean reconstruction loss, vae.kl_weight ~1e-6
-    keeps the latent close to, but not forced onto, a standard normal.
+    keeps the latent close to, but not forced onto, a standard normal. Not `posterior.kl()`: diffusers sums over
+    dims [1, 2, 3] only, which leaves a 3D latent's last axis unsummed.
     """
-    return posterior.kl()
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
 
 
 def vq_loss(latents: Tensor, codes: Tensor, beta: float, legacy: bool = True) -> Tensor:
@@ -86,8 +133,8 @@ def vq_loss(latents: Tensor, codes: Tensor, beta: float, legacy: bool = True) ->
     VectorQuantizer loss (`commit_loss` is its batch mean).
 
     Args:
-        latents: encoder output before quantisation (B, C, h, w).
-        codes: the chosen codebook vectors (B, C, h, w), with gradient to the codebook.
+        latents: encoder output before quantisation (B, C, h, w) or (B, C, d, h, w).
+        codes: the chosen codebook vectors, of the same shape, with gradient to the codebook.
         beta, legacy: the quantizer's settings; legacy puts beta on the codebook term, as diffusers does.
     """
     commitment = _per_sample_mean((codes.detach() - latents).square())
@@ -134,7 +181,8 @@ class AutoencoderLoss:
         self.cfg = cfg
         self.reconstruction = ReconstructionLoss(cfg.reconstruction_loss)
         self.adversarial = AdversarialLoss(cfg.disc_loss)
-        self.perceptual = PerceptualLoss(cfg.perceptual_network, device) if cfg.perceptual_network else None
+        self.perceptual = (PerceptualLoss(cfg.perceptual_network, device, cfg.perceptual_slices)
+                           if cfg.perceptual_network else None)
         self.regulariser_name = "vq_loss" if cfg.kind == "vq" else "kl"
         self.regulariser_weight = cfg.codebook_weight if cfg.kind == "vq" else cfg.kl_weight
 

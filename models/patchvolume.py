@@ -1,10 +1,12 @@
 """PatchVolume, the 3D VQ autoencoder of 3D-MedDiffusion, state-dict compatible with the public
 PatchVolume_4x / PatchVolume_8x Lightning checkpoints, and a loader for those checkpoints that runs no code
-from the file.
+from the file. The same class, with widths, levels and codebook size from `vae.*`, is the 3D autoencoder that
+train_vae.py trains: VQ with an EMA codebook and dead-code restarts, or KL with a Gaussian posterior.
 
 Written from the architecture facts in shared/PATCHVOLUME.md, not from the original code. Latents are raw: the
-continuous pre-quantisation latent from `encode`; `decode` snaps them to the codebook first. The min-max
-normalisation that 3D-MedDiffusion applies before diffusion belongs to the latent cache, not to this model.
+continuous pre-quantisation latent (VQ) or the posterior mean (KL) from `encode`; a VQ `decode` snaps them to the
+codebook first. The min-max normalisation that 3D-MedDiffusion applies before diffusion belongs to the latent
+cache, not to this model.
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from models.losses import kl_divergence
 from utils.config import ConfigError
+from utils.distributed import all_reduce_sum, broadcast_from_rank0
 
 GROUP_NORM_EPS = 1e-6  # what the checkpoints were trained with (torch's default is 1e-5)
 # Latent voxels per distance matrix in `quantize`: 32768 x 8192 codes x 4 bytes = 1 GiB at most.
@@ -103,18 +108,22 @@ class Upsample(nn.Module):
 
 
 class Stage(nn.Module):
-    """Two residual blocks, then resampling under `resample_name` ("down" in the encoder, "up" in the decoder)."""
+    """Residual blocks `res1`, `res2`, ... (two in the public models), then resampling under `resample_name`
+    ("down" in the encoder, "up" in the decoder)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int, resample_name: str,
-                 resample: nn.Module):
+                 resample: nn.Module, layers: int = 2):
         super().__init__()
-        self.res1 = ResBlock(in_channels, out_channels, norm_groups)
-        self.res2 = ResBlock(out_channels, out_channels, norm_groups)
+        self.blocks = [f"res{i + 1}" for i in range(layers)]
+        for i, name in enumerate(self.blocks):
+            self.add_module(name, ResBlock(in_channels if i == 0 else out_channels, out_channels, norm_groups))
         self.resample_name = resample_name
         self.add_module(resample_name, resample)
 
     def forward(self, x: Tensor) -> Tensor:
-        return getattr(self, self.resample_name)(self.res2(self.res1(x)))
+        for name in self.blocks:
+            x = getattr(self, name)(x)
+        return getattr(self, self.resample_name)(x)
 
 
 def _output_block(channels: int, out_channels: int, norm_groups: int) -> nn.Sequential:
@@ -126,13 +135,13 @@ class Encoder(nn.Module):
     """(B, image_channels, D, H, W) -> (B, embedding_dim, D/f, H/f, W/f); every stage but the last halves."""
 
     def __init__(self, image_channels: int, widths: list[int], embedding_dim: int, norm_groups: int, heads: int,
-                 head_dim: int):
+                 head_dim: int, layers: int):
         super().__init__()
         last = len(widths) - 1
         # conv_blocks registered before conv_first: the checkpoints' key order.
         self.conv_blocks = nn.ModuleList(
             Stage(widths[max(i - 1, 0)], width, norm_groups, "down",
-                  nn.Conv3d(width, width, 4, stride=2, padding=1) if i < last else nn.Identity())
+                  nn.Conv3d(width, width, 4, stride=2, padding=1) if i < last else nn.Identity(), layers)
             for i, width in enumerate(widths))
         self.conv_first = nn.Conv3d(image_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[-1], heads, head_dim, norm_groups)
@@ -149,14 +158,15 @@ class Decoder(nn.Module):
     """(B, embedding_dim, d, h, w) -> (B, image_channels, d*f, h*f, w*f): the encoder's widths reversed."""
 
     def __init__(self, image_channels: int, widths: list[int], embedding_dim: int, norm_groups: int, heads: int,
-                 head_dim: int):
+                 head_dim: int, layers: int):
         super().__init__()
         widths = widths[::-1]
         last = len(widths) - 1
         self.conv_first = nn.Conv3d(embedding_dim, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], heads, head_dim, norm_groups)
         self.conv_blocks = nn.ModuleList(
-            Stage(widths[max(i - 1, 0)], width, norm_groups, "up", Upsample(width) if i < last else nn.Identity())
+            Stage(widths[max(i - 1, 0)], width, norm_groups, "up", Upsample(width) if i < last else nn.Identity(),
+                  layers)
             for i, width in enumerate(widths))
         self.final_block = _output_block(widths[-1], image_channels, norm_groups)
 
@@ -168,76 +178,159 @@ class Decoder(nn.Module):
 
 
 class Codebook(nn.Module):
-    """The code vectors (`embeddings`) and the EMA statistics they were trained with (`N`, `z_avg`); the
-    statistics are kept only so that the state dict is the checkpoints' (no EMA updates: inference only)."""
+    """The code vectors (`embeddings`) and their EMA statistics: usage counts `N` and sums `z_avg` (van den Oord
+    et al. 2017, appendix; the buffer names are the checkpoints').
 
-    def __init__(self, n_codes: int, embedding_dim: int):
+    Codes are never trained by gradient. In training mode each call moves the statistics towards the batch's
+    assignments and sets every code to its running mean; codes whose usage falls below `restart_threshold` restart
+    at encoder outputs of the batch (Dhariwal et al. 2020, Jukebox), so that no code stays dead. Counts and sums
+    are summed over all processes and the restart vectors come from rank 0: every process keeps the same codebook.
+    """
+
+    def __init__(self, n_codes: int, embedding_dim: int, decay: float = 0.99, restart_threshold: float = 1.0):
         super().__init__()
+        self.decay, self.restart_threshold = decay, restart_threshold
         self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
         self.register_buffer("N", torch.zeros(n_codes))
         self.register_buffer("z_avg", self.embeddings.clone())
 
-
-class PatchVolume(ModelMixin, ConfigMixin):
-    """The 3D-MedDiffusion VQ autoencoder: volumes in [-1, 1] <-> latents downsampled `downsample` times.
-
-    Args:
-        n_hiddens: channels of the first stage; they double at every stride-2 stage.
-        downsample: per-axis downsampling, a power of two (log2 stride-2 stages): 4 and 8 in the public models.
-        embedding_dim: latent channels (and code vector length).
-        n_codes: codebook size.
-        norm_groups: GroupNorm groups (24 in the public models; not recorded in the weights' shapes).
-        attention_heads, attention_head_dim: of the middle blocks' attention (4 x 32 in the public models).
-    """
-
-    @register_to_config
-    def __init__(self, n_hiddens: int = 48, downsample: int = 8, embedding_dim: int = 8, n_codes: int = 8192,
-                 image_channels: int = 1, norm_groups: int = 24, attention_heads: int = 4,
-                 attention_head_dim: int = 32):
-        super().__init__()
-        if downsample < 2 or downsample & (downsample - 1):
-            raise ConfigError(f"PatchVolume downsample={downsample} must be a power of two >= 2 "
-                              "(the public models use 4 and 8)")
-        widths = stage_widths(n_hiddens, downsample)
-        if n_hiddens % norm_groups:
-            raise ConfigError(f"PatchVolume n_hiddens={n_hiddens} must be a multiple of norm_groups={norm_groups} "
-                              f"(the stage widths are {widths})")
-        blocks = dict(widths=widths, embedding_dim=embedding_dim, norm_groups=norm_groups, heads=attention_heads,
-                      head_dim=attention_head_dim)
-        self.encoder = Encoder(image_channels, **blocks)
-        self.decoder = Decoder(image_channels, **blocks)
-        self.pre_vq_conv = nn.Conv3d(embedding_dim, embedding_dim, 1)
-        self.post_vq_conv = nn.Conv3d(embedding_dim, embedding_dim, 1)
-        self.codebook = Codebook(n_codes, embedding_dim)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Volumes (B, image_channels, D, H, W), sides multiples of `downsample` -> continuous latents
-        (B, embedding_dim, D/f, H/f, W/f), not quantised."""
-        return self.pre_vq_conv(self.encoder(x))
-
-    def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def nearest(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Each voxel's latent vector snapped to its nearest code (Euclidean, as trained).
 
         Returns:
-            codes: (B, embedding_dim, d, h, w), the code vectors; indices: (B, d, h, w), their rows in the codebook.
+            codes: (B, embedding_dim, d, h, w), the code vectors; indices: (B, d, h, w), their rows.
         """
-        codebook = self.codebook.embeddings  # (n_codes, C)
-        flat = z.movedim(1, -1).reshape(-1, z.shape[1])  # (B*d*h*w, C)
+        codebook = self.embeddings  # (n_codes, C)
+        flat = z.detach().float().movedim(1, -1).reshape(-1, z.shape[1])  # (B*d*h*w, C)
         code_norms = codebook.square().sum(dim=1)  # (n_codes,)
         # |z|^2 - 2 z.E + |E|^2, in chunks so that the distance matrix stays small for whole volumes.
         indices = torch.cat([(chunk.square().sum(dim=1, keepdim=True) - 2 * chunk @ codebook.t() + code_norms)
                              .argmin(dim=1) for chunk in flat.split(QUANTIZE_CHUNK)])
         indices = indices.view(z.shape[0], *z.shape[2:])  # (B, d, h, w)
-        return F.embedding(indices, codebook).movedim(-1, 1), indices
+        return F.embedding(indices, codebook).movedim(-1, 1).to(z.dtype), indices
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Latents (B, embedding_dim, d, h, w), snapped to the nearest codes -> volumes (B, image_channels,
-        d*f, h*f, w*f), not clamped."""
-        return self.decoder(self.post_vq_conv(self.quantize(z)[0]))
+    @torch.no_grad()
+    def update(self, z: Tensor, indices: Tensor) -> None:
+        """One EMA step towards the assignment of latents z (B, C, d, h, w) to codes `indices`, then restarts."""
+        flat = z.detach().float().movedim(1, -1).reshape(-1, z.shape[1])  # (M, C)
+        counts = torch.bincount(indices.view(-1), minlength=len(self.N)).float()
+        sums = torch.zeros_like(self.z_avg).index_add_(0, indices.view(-1), flat)
+        all_reduce_sum(counts, sums)
+        self.N.lerp_(counts, 1 - self.decay)
+        self.z_avg.lerp_(sums, 1 - self.decay)
+        # Each code is the mean of the vectors assigned to it. A code that has (almost) never been used keeps its
+        # vector: dividing by a vanishing count would throw it far away, and it would wander back only slowly.
+        live = self.N > 1e-5
+        self.embeddings[live] = self.z_avg[live] / self.N[live, None]
+        dead = self.N < self.restart_threshold  # the same on every rank: N is summed over all of them
+        if dead.any():
+            # Candidates from the global RNG, which the training loop reseeds every step: exact on resume.
+            candidates = flat[torch.randint(len(flat), (len(self.N),), device=flat.device)]
+            broadcast_from_rank0(candidates)
+            self.embeddings[dead] = candidates[dead]
+            self.z_avg[dead] = candidates[dead]  # a restarted code counts as used once, so its mean is itself
+            self.N[dead] = 1.0
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """`nearest`, and in training mode the EMA update with this batch (the codes from before it)."""
+        codes, indices = self.nearest(z)
+        if self.training:
+            self.update(z, indices)
+        return codes, indices
+
+
+class PatchVolume(ModelMixin, ConfigMixin):
+    """The 3D-MedDiffusion autoencoder: volumes in [-1, 1] <-> latents downsampled `downsample` times per axis.
+
+    Args:
+        n_hiddens: channels of the first stage; they double at every stride-2 stage.
+        downsample: per-axis downsampling, a power of two (log2 stride-2 stages): 4 and 8 in the public models.
+        embedding_dim: latent channels (and code vector length).
+        n_codes: codebook size (vq).
+        norm_groups: GroupNorm groups (24 in the public models; not recorded in the weights' shapes).
+        attention_heads, attention_head_dim: of the middle blocks' attention (4 x 32 in the public models).
+        kind: "vq" (the public models) or "kl": `pre_vq_conv` then gives the posterior's mean and log-variance
+            (2 * embedding_dim channels) and there is no codebook.
+        block_out_channels: the stage widths, finest first (default: from n_hiddens and downsample as the public
+            models: [48, 96, 192, 192] for 8x); every stage but the last halves the resolution.
+        layers_per_block: residual blocks per stage (2 in the public models).
+        commitment_beta, codebook_decay, restart_threshold: VQ training (see `Codebook`).
+    """
+
+    @register_to_config
+    def __init__(self, n_hiddens: int = 48, downsample: int = 8, embedding_dim: int = 8, n_codes: int = 8192,
+                 image_channels: int = 1, norm_groups: int = 24, attention_heads: int = 4,
+                 attention_head_dim: int = 32, kind: str = "vq", block_out_channels: Optional[list[int]] = None,
+                 layers_per_block: int = 2, commitment_beta: float = 0.25, codebook_decay: float = 0.99,
+                 restart_threshold: float = 1.0):
+        super().__init__()
+        if downsample < 2 or downsample & (downsample - 1):
+            raise ConfigError(f"PatchVolume downsample={downsample} must be a power of two >= 2 "
+                              "(the public models use 4 and 8)")
+        if kind not in ("vq", "kl"):
+            raise ConfigError(f"PatchVolume kind='{kind}' is not one of ['vq', 'kl']")
+        widths = list(block_out_channels) if block_out_channels else stage_widths(n_hiddens, downsample)
+        if widths[0] != n_hiddens or 2 ** (len(widths) - 1) != downsample:
+            raise ConfigError(f"PatchVolume block_out_channels={widths} give n_hiddens={widths[0]} and downsample="
+                              f"{2 ** (len(widths) - 1)}, not {n_hiddens} and {downsample}")
+        if any(w % norm_groups for w in widths):
+            raise ConfigError(f"PatchVolume n_hiddens={n_hiddens} must be a multiple of norm_groups={norm_groups} "
+                              f"(the stage widths are {widths})")
+        blocks = dict(widths=widths, embedding_dim=embedding_dim, norm_groups=norm_groups, heads=attention_heads,
+                      head_dim=attention_head_dim, layers=layers_per_block)
+        self.is_vq = kind == "vq"
+        self.encoder = Encoder(image_channels, **blocks)
+        self.decoder = Decoder(image_channels, **blocks)
+        self.pre_vq_conv = nn.Conv3d(embedding_dim, embedding_dim * (1 if self.is_vq else 2), 1)
+        self.post_vq_conv = nn.Conv3d(embedding_dim, embedding_dim, 1)
+        if self.is_vq:
+            self.codebook = Codebook(n_codes, embedding_dim, codebook_decay, restart_threshold)
+
+    def posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
+        """KL models: the Gaussian posterior over latents of volumes x."""
+        return DiagonalGaussianDistribution(self.pre_vq_conv(self.encoder(x)))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Volumes (B, image_channels, D, H, W), sides multiples of `downsample` -> continuous latents
+        (B, embedding_dim, D/f, H/f, W/f): not quantised (vq), the posterior mean (kl)."""
+        if self.is_vq:
+            return self.pre_vq_conv(self.encoder(x))
+        return self.posterior(x).mean
+
+    def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(codes (B, C, d, h, w), indices (B, d, h, w)): each latent vector's nearest code; no EMA update."""
+        return self.codebook.nearest(z)
+
+    def decode(self, z: Tensor, quantize: bool = True) -> Tensor:
+        """Latents (B, embedding_dim, d, h, w) -> volumes (B, image_channels, d*f, h*f, w*f), not clamped; a VQ
+        model snaps the latents to their nearest codes first (unless `quantize` is False)."""
+        if self.is_vq and quantize:
+            z = self.quantize(z)[0]
+        return self.decoder(self.post_vq_conv(z))
 
     def forward(self, x: Tensor) -> Tensor:
-        """The quantised reconstruction of x."""
+        """The deterministic reconstruction of x (quantised, or from the posterior mean)."""
         return self.decode(self.encode(x))
+
+    def autoencode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Training forward: (reconstruction, regulariser per sample (B,)).
+
+        VQ: the straight-through estimator and the commitment loss `commitment_beta * |z - sg(code)|^2` (the codes
+        follow the encoder by EMA, so there is no codebook loss); in training mode the codebook is updated. KL: a
+        posterior sample (torch's RNG) and the KL divergence to N(0, I), summed over latent elements.
+        """
+        if not self.is_vq:
+            posterior = self.posterior(x)
+            return self.decode(posterior.sample()), kl_divergence(posterior)
+        z = self.encode(x)
+        codes, _ = self.codebook(z)
+        commitment = (z - codes.detach()).float().square().flatten(1).mean(dim=1)
+        return self.decode(z + (codes - z).detach(), quantize=False), self.config.commitment_beta * commitment
+
+    @property
+    def last_layer(self) -> Tensor:
+        """Weight of the decoder's output convolution (for the adaptive GAN weight)."""
+        return self.decoder.final_block[2].weight
 
 
 # ----------------------------------------------------------------------------------------------------------

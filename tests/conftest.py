@@ -1,7 +1,10 @@
 """Shared fixtures: the real MNI152 demo data, built once per test session."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
+import torch
 
 from data.demo import build_mni152_demo
 
@@ -21,3 +24,24 @@ def ct_demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "mni152_ct"
     build_mni152_ct_demo(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def perceptual_net(tmp_path_factory):
+    """A tiny TorchScript feature network returning two layers, as a user would save a real one."""
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.second = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            h = torch.relu(self.first(x))
+            return h, torch.relu(self.second(h))
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("nets") / "features.pt"
+    with warnings.catch_warnings():  # torch>=2.9 marks TorchScript deprecated; FeatureExtractor still loads it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(Features()), str(path))
+    return path

@@ -1,6 +1,7 @@
-"""Low-dose -> high-dose CT in the latent space of a frozen 3D autoencoder (a small PatchVolume), on the pseudo-CT
-demo: encode_latents.py writes each image's own latent (latent.encode_each) on one and on two processes, then a
-UNet3D trains on the cache and evaluate.py scores decoded samples, and the decoded low-dose input, in pixel space."""
+"""Low-dose -> high-dose CT in the latent space of a frozen 3D autoencoder, on the pseudo-CT demo: train_vae.py trains
+a small 3D VQ autoencoder (PatchVolume architecture), encode_latents.py writes each image's own latent
+(latent.encode_each) on one and on two processes with the codebook min/max scaling, then a UNet3D trains on the cache
+and evaluate.py scores decoded samples, and the decoded low-dose input, in pixel space."""
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,12 @@ from safetensors.torch import load_file
 import encode_latents
 import evaluate
 import train_diffusion
+import train_vae
 from data.latent_cache import read_manifest
+from models.autoencoder import FrozenAutoencoder
 from models.patchvolume import PatchVolume
 from tests.runs import REPO, run_script
+from tests.test_vae3d import TINY_VAE3D
 
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -24,6 +28,7 @@ TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", 
 LATENT_3D = [
     "data.kind=latent_cache", "latent.source_kind=nifti", "data.spacing=[6,6,6]", "data.volume_shape=[8,32,32]",
     "data.val_fraction=0.2", "data.slab_gap=1", "data.flip_prob=0", "latent.encode_each=[ct,ld]",
+    "latent.scaling=codebook_minmax",
     "latent.shard_size=4", "latent.batch_size=2", "task.targets=[ct_latent]", "task.spatial_conditions=[ld_latent]",
     "model.block_out_channels=[8,16]", "model.attention_levels=[false,true]", "model.attention_head_dim=8",
     "model.norm_num_groups=4", "training.batch_size=2", "training.max_steps=2", "training.lr_warmup_steps=1",
@@ -36,10 +41,10 @@ LATENT_3D = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ct_demo_root):
     base = tmp_path_factory.mktemp("latent3d")
-    torch.manual_seed(0)
-    PatchVolume(n_hiddens=8, downsample=4, embedding_dim=4, n_codes=32, norm_groups=4).save_pretrained(base / "pv")
+    train_vae.main(["--config", str(REPO / "configs/demo_vae3d.yaml"), f"run.output_dir={base / 'vae'}",
+                    f"data.root={ct_demo_root}", *TINY_VAE3D, "vae.disc_weight=0"])
     args = ["--config", str(REPO / "configs/demo_3d.yaml"), f"data.root={ct_demo_root}",
-            f"latent.autoencoder={base / 'pv'}", *LATENT_3D]
+            f"latent.autoencoder={base / 'vae' / 'final'}", *LATENT_3D]
     encode_latents.main([*args, f"latent.cache_dir={base / 'cache1'}"])
     return base, args
 
@@ -49,6 +54,11 @@ def test_each_image_gets_its_own_latent_and_two_processes_write_the_same_cache(s
     manifest = read_manifest(base / "cache1")
     assert set(manifest["fields"]) == {"ct_latent", "ld_latent"} and manifest["latent_shape"] == [4, 2, 8, 8]
     assert manifest["pixel_inputs"] == {"ct": 1, "ld": 1} and manifest["encoder"]["kind"] == "patchvolume"
+    # 3D-MedDiffusion's normalisation: the trained codebook's range maps onto [-1, 1].
+    codebook = FrozenAutoencoder.load(base / "vae" / "final").model.codebook.embeddings
+    assert manifest["scaling"] == "codebook_minmax"
+    assert (float(codebook.min()) - manifest["shift"]) * manifest["scale"] == pytest.approx(-1, abs=1e-6)
+    assert (float(codebook.max()) - manifest["shift"]) * manifest["scale"] == pytest.approx(1, abs=1e-6)
     result = run_script("encode_latents.py", [*args, f"latent.cache_dir={base / 'cache2'}"],
                         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launch=TWO_PROCESSES)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,7 +92,7 @@ def test_a_cache_of_another_3d_autoencoder_is_refused(setup):
 
     base, args = setup
     torch.manual_seed(1)  # the same architecture, other weights
-    PatchVolume(n_hiddens=8, downsample=4, embedding_dim=4, n_codes=32, norm_groups=4).save_pretrained(base / "other")
+    PatchVolume.from_config(PatchVolume.load_config(base / "vae" / "final" / "vae")).save_pretrained(base / "other")
     with pytest.raises(ConfigError, match="different autoencoder"):
         train_diffusion.main([*args, f"latent.cache_dir={base / 'cache1'}", f"latent.autoencoder={base / 'other'}",
                               f"run.output_dir={base / 'refused'}"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -45,27 +44,6 @@ def kl_run(tmp_path_factory, demo_root):
     run = tmp_path_factory.mktemp("kl") / "run"
     train_vae.main(vae_args(run, demo_root, *GAN))
     return run
-
-
-@pytest.fixture(scope="module")
-def perceptual_net(tmp_path_factory):
-    """A tiny TorchScript feature network returning two layers, as a user would save a real one."""
-    class Features(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first = torch.nn.Conv2d(1, 4, 3, padding=1)
-            self.second = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
-
-        def forward(self, x):
-            h = torch.relu(self.first(x))
-            return h, torch.relu(self.second(h))
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("nets") / "features.pt"
-    with warnings.catch_warnings():  # torch>=2.9 marks TorchScript deprecated; FeatureExtractor still loads it
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(Features()), str(path))
-    return path
 
 
 def demo_slices(demo_root, size):
@@ -285,7 +263,7 @@ def test_tiled_reconstruction_of_a_larger_real_image_is_close_to_untiled(kl_run,
 def tiny_vae(kind="kl"):
     torch.manual_seed(0)
     cfg = VAEConfig(kind=kind, block_out_channels=[8, 16], norm_num_groups=4, num_vq_embeddings=16)
-    return cfg, TrainableAutoencoder(build_autoencoder(cfg, 1, 16))
+    return cfg, TrainableAutoencoder(build_autoencoder(cfg, 1, (16, 16)))
 
 
 def test_vq_loss_is_diffusers_commit_loss_per_sample():

@@ -95,6 +95,12 @@ class DataConfig:
         """The images an item holds: data.images, then the simulated degraded image when there is one."""
         return list(self.images) + ([self.degrade.name] if self.degrade.kind else [])
 
+    def training_shape(self) -> list[int]:
+        """Spatial sizes of a training sample: the 3D patch or volume, or the 2D slice or tile."""
+        if self.dims == 3:
+            return list(self.patch_size or self.volume_shape)
+        return [self.image_size] * 2
+
 
 @dataclass
 class ModelConfig:
@@ -186,22 +192,30 @@ class LatentConfig:
     shard_size: int = 256  # items per cache shard
     tile_size: int = 0  # > 0: encode/decode in overlapping tiles of this many pixels (large images)
     tile_overlap: int = 16  # pixels of overlap between tiles, blended linearly
+    # std: (z - mean) / std over the training latents | codebook_minmax: a 3D VQ codebook's range mapped to
+    # [-1, 1] (3D-MedDiffusion's normalisation for PatchVolume latents)
+    scaling: str = "std"
 
 
 @dataclass
 class VAEConfig:
-    kind: str = "kl"  # kl (diffusers AutoencoderKL) | vq (diffusers VQModel)
+    # kl | vq: diffusers AutoencoderKL / VQModel in 2D; in 3D (data.dims: 3) the PatchVolume architecture with a
+    # Gaussian posterior (kl) or an EMA codebook with dead-code restarts (vq)
+    kind: str = "kl"
     inputs: list[str] = field(default_factory=lambda: ["t1"])  # data names concatenated as input channels
     latent_channels: int = 4
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # 2^(levels-1) downsampling
     layers_per_block: int = 1
     norm_num_groups: int = 8
     num_vq_embeddings: int = 256  # codebook size (vq)
+    codebook_decay: float = 0.99  # 3D vq: EMA decay of the code usage counts and sums
+    restart_threshold: float = 1.0  # 3D vq: codes whose EMA usage falls below this restart at encoder outputs
     reconstruction_loss: str = "l1"  # l1 | l2
     kl_weight: float = 1.0e-6  # weight of the KL term (kl)
     codebook_weight: float = 1.0  # weight of the codebook + commitment loss (vq)
     perceptual_network: str = ""  # local TorchScript feature network for the perceptual loss ("" = off)
     perceptual_weight: float = 0.1
+    perceptual_slices: int = 2  # 3D: random slices per axis and sample that the 2D feature network sees (2.5D)
     disc_start: int = 0  # step at which the adversarial loss starts
     disc_weight: float = 0.0  # 0 = no adversarial loss; else the PatchGAN loss weight (times adaptive weight)
     disc_loss: str = "hinge"  # hinge | least_squares
@@ -294,8 +308,12 @@ def save(cfg: Config, path: Path) -> None:
 
 
 def parse_args(argv: Optional[list[str]], description: str, default_config: Optional[str] = None,
-               run_flag: bool = False) -> tuple[argparse.Namespace, Config]:
-    """Parse `--config`, `--print-config`, optional `--run` and dotted overrides into a Config."""
+               run_flag: bool = False, denoiser: bool = True) -> tuple[argparse.Namespace, Config]:
+    """Parse `--config`, `--print-config`, optional `--run` and dotted overrides into a Config.
+
+    Args:
+        denoiser: the script builds the `model` section's UNet (its widths are checked against the image size).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=None, help="YAML preset (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -313,7 +331,7 @@ def parse_args(argv: Optional[list[str]], description: str, default_config: Opti
     cfg = resolve(yaml_path, args.overrides)
     # Imported here: the modules that own the valid choices import this one.
     from utils.config_checks import check_config
-    check_config(cfg)
+    check_config(cfg, denoiser)
     if run_flag and args.run is not None:
         cfg.run.output_dir = str(args.run)
     if args.print_config:

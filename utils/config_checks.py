@@ -33,18 +33,18 @@ AT_LEAST_ONE = (
     "training.log_every", "training.max_consecutive_nonfinite", "validation.every", "validation.sample_every",
     "validation.num_samples", "validation.sampling_steps", "latent.batch_size",
     "latent.shard_size", "vae.latent_channels", "vae.layers_per_block", "vae.norm_num_groups", "vae.disc_channels",
-    "vae.disc_layers", "eval.sampling_steps", "eval.samples_per_item", "eval.batch_size")
+    "vae.disc_layers", "vae.perceptual_slices", "eval.sampling_steps", "eval.samples_per_item", "eval.batch_size")
 # Where 0 means none, off or automatic.
 AT_LEAST_ZERO = (
     "run.seed", "run.num_threads", "data.num_workers", "data.slab_gap", "task.roi_weight", "diffusion.guidance_scale",
     "training.weight_decay", "training.lr_warmup_steps", "training.max_grad_norm", "training.keep_last",
     "training.stop_after", "validation.num_items", "latent.tile_size", "latent.tile_overlap", "vae.kl_weight", "vae.codebook_weight",
-    "vae.perceptual_weight", "vae.disc_start", "vae.disc_weight", "eval.num_items", "eval.data_range",
+    "vae.perceptual_weight", "vae.restart_threshold", "vae.disc_start", "vae.disc_weight", "eval.num_items", "eval.data_range",
     "eval.feature_channels", "eval.num_figures")
 # Probabilities and fractions.
 IN_ZERO_ONE = (
     "data.min_foreground", "data.flip_prob", "data.val_fraction", "data.test_fraction", "task.cond_drop_prob",
-    "model.dropout", "training.ema_decay")
+    "model.dropout", "training.ema_decay", "vae.codebook_decay")
 PAIRS = ("data.mri_percentiles", "data.ct_window", "training.adam_betas")  # [low, high] or [beta1, beta2]
 
 
@@ -57,11 +57,11 @@ def _choice(cfg: Config, key: str, valid) -> None:
     check_choice(key, _value(cfg, key), valid)
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, denoiser: bool = True) -> None:
     """Raise ConfigError for the first value that cannot work; touches no data.
 
     Settings that depend on the data (task names, image sizes against network depth) are checked where the data
-    is known.
+    is known. `denoiser`: the `model` section's UNet is built (not by train_vae.py), so its shapes matter.
     """
     # Names.
     _choice(cfg, "run.log_level", logging.getLevelNamesMapping())
@@ -71,6 +71,7 @@ def check_config(cfg: Config) -> None:
     _choice(cfg, "training.mixed_precision", PrecisionType.list())
     _choice(cfg, "logging.wandb_mode", WANDB_MODES)
     _choice(cfg, "eval.split", ("val", "test"))
+    _choice(cfg, "latent.scaling", ("std", "codebook_minmax"))
     for tracker in cfg.logging.trackers:
         check_choice("logging.trackers", tracker, KNOWN_TRACKERS)
     ReconstructionLoss(cfg.vae.reconstruction_loss)  # their constructors check the loss names
@@ -107,7 +108,7 @@ def check_config(cfg: Config) -> None:
     # The networks: widths, groups, heads and levels (the pixel-space image size too; a latent one needs the
     # autoencoder, and the autoencoder's image size matters only to train_vae.py: both are checked at build).
     volumes = cfg.data.kind == "nifti" and cfg.data.dims == 3
-    check_unet_config(cfg.model, 0 if cfg.data.kind == LATENT_CACHE or volumes else cfg.data.image_size)
+    check_unet_config(cfg.model, 0 if cfg.data.kind == LATENT_CACHE or volumes or not denoiser else cfg.data.image_size)
     check_autoencoder_config(cfg.vae)
     negative = {k: w for k, w in cfg.task.loss_weights.items() if w < 0}
     if negative:
@@ -125,7 +126,7 @@ def check_config(cfg: Config) -> None:
                               f"{source_kind}; set data.kind={DEMOS[cfg.data.demo][1]} or data.demo=''")
     (tiles if source_kind == "tiles" else nifti)._check_config(cfg.data)  # the reader's own pre-read checks
     check_degrade_config(cfg.data.degrade)
-    if volumes:  # the shapes the UNet3D sees: held-out volumes and training patches
+    if volumes and denoiser:  # the shapes the UNet3D sees: held-out volumes and training patches
         for key in ("data.volume_shape", "data.patch_size"):
             if _value(cfg, key):
                 check_unet3d_shape(cfg.model, _value(cfg, key), key)

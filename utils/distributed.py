@@ -37,6 +37,19 @@ def gather_objects(obj) -> list:
     return out
 
 
+def all_reduce_sum(*tensors) -> None:
+    """Sum each tensor in place over all ranks (nothing without torch.distributed)."""
+    if is_distributed():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+def broadcast_from_rank0(tensor) -> None:
+    """Overwrite the tensor in place with rank 0's (nothing without torch.distributed)."""
+    if is_distributed():
+        dist.broadcast(tensor, 0)
+
+
 def check_launch(accelerator) -> None:
     """Stop when the launcher started several processes but they do not form one group.
 

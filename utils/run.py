@@ -185,9 +185,10 @@ class StopSignals:
 
 
 def stopped_before_the_end(step: int, cfg: Config, model, logger, metrics_log, reason: str) -> bool:
-    """After the loop: log a weights checksum (DEBUG, compared across ranks in tests); when the run stopped
-    before training.max_steps, say why and how to continue, and close the log."""
-    logger.debug("weights checksum %.10e", sum(float(p.detach().double().sum()) for p in model.parameters()))
+    """After the loop: log a checksum of the weights and buffers (DEBUG, compared across ranks in tests); when the
+    run stopped before training.max_steps, say why and how to continue, and close the log."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    logger.debug("weights checksum %.10e", sum(float(t.detach().double().sum()) for t in tensors))
     if step >= cfg.training.max_steps:
         return False
     logger.info("stopped at step %d (%s) with a checkpoint; rerun the same command to continue", step, reason)
