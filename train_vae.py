@@ -46,8 +46,11 @@ def check_config(cfg) -> None:
         raise ConfigError(f"vae.inputs={cfg.vae.inputs}: name image modalities from data.images {cfg.data.images}; "
                           "label masks are not supported as autoencoder input")
     # Training patches and the whole held-out volumes both go through the autoencoder.
-    for shape in (cfg.data.training_shape(), cfg.data.volume_shape if cfg.data.dims == 3 else []):
-        check_autoencoder_config(cfg.vae, shape)
+    if cfg.data.dims == 3:
+        for key in ("data.patch_size", "data.volume_shape"):
+            check_autoencoder_config(cfg.vae, getattr(cfg.data, key.split(".")[1]), key)
+    else:
+        check_autoencoder_config(cfg.vae, cfg.data.training_shape())
     smallest = PatchDiscriminator.min_input_size(cfg.vae.disc_layers)
     if cfg.vae.disc_weight > 0 and min(cfg.data.training_shape()) < smallest:
         raise ConfigError(f"vae.disc_layers={cfg.vae.disc_layers} needs training samples of at least {smallest} per "

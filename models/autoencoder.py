@@ -29,11 +29,13 @@ AUTOENCODER_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
 METADATA_FILE = "autoencoder.yaml"  # written beside vae/ in an exported final/ folder
 
 
-def check_autoencoder_config(cfg: VAEConfig, sample_shape: Sequence[int] = ()) -> None:
+def check_autoencoder_config(cfg: VAEConfig, sample_shape: Sequence[int] = (), key: str = "data.image_size"
+                             ) -> None:
     """ConfigError naming the key for a `vae` section no autoencoder can be built from.
 
     Args:
-        sample_shape: the training image's (or patch's) spatial sizes; () when not known yet.
+        sample_shape: spatial sizes the autoencoder will see (image, 3D patch or volume); () when not known yet.
+        key: the setting that gave `sample_shape`, for the error message.
     """
     if cfg.kind not in AUTOENCODER_CLASSES:
         raise ConfigError(f"vae.kind='{cfg.kind}' is not one of {list(AUTOENCODER_CLASSES)}")
@@ -50,8 +52,8 @@ def check_autoencoder_config(cfg: VAEConfig, sample_shape: Sequence[int] = ()) -
         raise ConfigError(f"vae.num_vq_embeddings must be at least 2, got {cfg.num_vq_embeddings}")
     factor = 2 ** (levels - 1)
     if any(side % factor for side in sample_shape):
-        raise ConfigError(f"the training size {list(sample_shape)} (data.image_size, data.volume_shape or "
-                          f"data.patch_size) must be divisible by {factor}, the downsampling of {levels} "
+        value = sample_shape[0] if key == "data.image_size" else list(sample_shape)
+        raise ConfigError(f"{key}={value} must be divisible by {factor}, the downsampling of {levels} "
                           "vae.block_out_channels levels")
 
 
@@ -73,7 +75,8 @@ def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_shape: Sequence[i
     if len(sample_shape) == 3:
         return PatchVolume(n_hiddens=cfg.block_out_channels[0], downsample=2 ** (levels - 1),
                            embedding_dim=cfg.latent_channels, n_codes=cfg.num_vq_embeddings, image_channels=in_channels,
-                           norm_groups=cfg.norm_num_groups, kind=cfg.kind, block_out_channels=list(cfg.block_out_channels),
+                           norm_groups=cfg.norm_num_groups, kind=cfg.kind,
+                           block_out_channels=list(cfg.block_out_channels),
                            layers_per_block=cfg.layers_per_block, codebook_decay=cfg.codebook_decay,
                            restart_threshold=cfg.restart_threshold)
     common = dict(in_channels=in_channels, out_channels=in_channels,

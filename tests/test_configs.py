@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from diffusion import build_strategy
 from diffusion.task import Field, Task, fields_from_config
-from models.autoencoder import build_autoencoder
+from models.autoencoder import build_autoencoder, latent_channels_of
+from models.patchvolume import PatchVolume
 from models.unet2d import build_denoiser
 from utils.config import ConfigError, resolve
 from utils.config_checks import check_config
@@ -23,7 +25,8 @@ KEY_LINE = re.compile(r"^\s*[A-Za-z_][\w]*:\s*(\S.*)?$")
 def test_presets_exist():
     names = {p.name for p in PRESETS}
     assert {"demo.yaml", "demo_vae.yaml", "demo_ldm.yaml", "demo_pathology_vae.yaml",
-            "demo_pathology_ldm.yaml", "demo_3d.yaml", "demo_ct_2d.yaml", "ct_restore_3d_gpu.yaml"} <= names
+            "demo_pathology_ldm.yaml", "demo_3d.yaml", "demo_ct_2d.yaml", "ct_restore_3d_gpu.yaml", "demo_vae3d.yaml",
+            "demo_ldm3d.yaml", "ct_sr_ldm3d_gpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -39,25 +42,31 @@ def test_every_key_has_a_comment(preset):
 def test_preset_resolves_and_builds_its_networks(preset):
     cfg = resolve(preset, [])
     check_config(cfg)
-    if "vae" in yaml.safe_load(preset.read_text()):
-        channels = 3 if cfg.data.kind == "tiles" else len(cfg.vae.inputs)
-        vae = build_autoencoder(cfg.vae, channels)
-        assert vae.config.latent_channels == cfg.vae.latent_channels
-        return
-    build_strategy(cfg.diffusion)
-    if cfg.data.kind == "latent_cache":
-        # The cache describes its fields; a latent is an image of the autoencoder's latent channels.
-        source = fields_from_config(cfg.data.__class__(**{**cfg.data.__dict__, "kind": cfg.latent.source_kind}))
-        fields = {"latent": Field("latent", "image", 4),
-                  **{n: f for n, f in source.items() if f.kind != "image"}}
-        factor = 4 if "demo" in preset.name else 8
-        shape = (cfg.data.image_size // factor,) * 2
-    else:
-        fields = fields_from_config(cfg.data)
-        shape = tuple(cfg.data.volume_shape) if cfg.data.dims == 3 else (cfg.data.image_size,) * 2
-    task = Task(cfg.task, fields, shape)
-    net = build_denoiser(cfg.model, task)
+    with torch.device("meta"):  # shapes only: the GPU presets' networks would take gigabytes
+        if "vae" in yaml.safe_load(preset.read_text()):
+            channels = 3 if cfg.data.kind == "tiles" else len(cfg.vae.inputs)
+            vae = build_autoencoder(cfg.vae, channels, cfg.data.training_shape())
+            assert latent_channels_of(vae) == cfg.vae.latent_channels
+            assert isinstance(vae, PatchVolume) == (cfg.data.dims == 3)
+            return
+        build_strategy(cfg.diffusion)
+        if cfg.data.kind == "latent_cache":
+            # The cache describes its fields; a latent is an image of the autoencoder's latent channels.
+            source = fields_from_config(cfg.data.__class__(**{**cfg.data.__dict__, "kind": cfg.latent.source_kind}))
+            channels = 8 if cfg.data.dims == 3 else 4
+            latents = [f"{n}_latent" for n in cfg.latent.encode_each] or ["latent"]
+            fields = {**{n: Field(n, "image", channels) for n in latents},
+                      **{n: f for n, f in source.items() if f.kind != "image"}}
+            factor = 4 if "demo" in preset.name else 8
+            sides = cfg.data.volume_shape if cfg.data.dims == 3 else [cfg.data.image_size] * 2
+            shape = tuple(side // factor for side in sides)
+        else:
+            fields = fields_from_config(cfg.data)
+            shape = tuple(cfg.data.volume_shape) if cfg.data.dims == 3 else (cfg.data.image_size,) * 2
+        task = Task(cfg.task, fields, shape)
+        net = build_denoiser(cfg.model, task)
     assert net.unet.config.out_channels == task.target_channels
+    assert net.unet.__class__.__name__ == ("UNet3DModel" if len(shape) == 3 else "UNet2DModel")
 
 
 def test_print_config_round_trips(tmp_path):

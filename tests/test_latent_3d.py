@@ -19,7 +19,7 @@ import train_vae
 from data.latent_cache import read_manifest
 from models.autoencoder import FrozenAutoencoder
 from models.patchvolume import PatchVolume
-from tests.runs import REPO, run_script
+from tests.runs import REPO, read_metrics, run_script
 from tests.test_vae3d import TINY_VAE3D
 
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -77,7 +77,10 @@ def test_latent_restoration_trains_and_is_scored_in_pixel_space(setup):
     evaluate.main(["--run", str(run), "eval.hu_metrics=true"])
     with (run / "eval" / "per_item.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert rows and {"ssim", "psnr", "input_ssim", "input_psnr", "mae_hu"} <= set(rows[0])
+    assert rows and {"ssim", "psnr", "input_ssim", "input_psnr", "mae_hu", "autoencoder_ssim"} <= set(rows[0])
+    # The autoencoder's ceiling: the target's own latent decoded, scored as the VAE's validation scored it.
+    vae_val = {n: float(v) for s, n, v in read_metrics(base / "vae") if n == "val/ssim"}
+    assert float(rows[0]["autoencoder_ssim"]) == pytest.approx(vae_val["val/ssim"], abs=0.02)
     npz = np.load(run / "eval" / "samples" / f"{rows[0]['item_id'].replace('/', '__')}.npz")
     # Scored in pixel space: the decoded sample against the source slab; the decoded low-dose latent is the
     # baseline (the condition on the target's grid).

@@ -228,8 +228,9 @@ def test_codebook_minmax_scaling_maps_the_codebook_range_to_plus_minus_one():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["vae.block_out_channels=[8,16,16,16]", "data.volume_shape=[12,32,32]"], r"\[12, 32, 32\].*divisible by 8"),
-    (["data.patch_size=[6,16,16]"], r"\[6, 16, 16\].*divisible by 4"),
+    (["vae.block_out_channels=[8,16,16,16]", "data.volume_shape=[12,32,32]"],
+     r"data.volume_shape=\[12, 32, 32\] must be divisible by 8"),
+    (["data.patch_size=[6,16,16]"], r"data.patch_size=\[6, 16, 16\] must be divisible by 4"),
     (["vae.codebook_decay=1.5"], "vae.codebook_decay"),
     (["vae.kind=fsq"], "vae.kind"),
     (["vae.disc_layers=2"], "at least 12 per side"),

@@ -38,9 +38,9 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = (
     "run.seed", "run.num_threads", "data.num_workers", "data.slab_gap", "task.roi_weight", "diffusion.guidance_scale",
     "training.weight_decay", "training.lr_warmup_steps", "training.max_grad_norm", "training.keep_last",
-    "training.stop_after", "validation.num_items", "latent.tile_size", "latent.tile_overlap", "vae.kl_weight", "vae.codebook_weight",
-    "vae.perceptual_weight", "vae.restart_threshold", "vae.disc_start", "vae.disc_weight", "eval.num_items", "eval.data_range",
-    "eval.feature_channels", "eval.num_figures")
+    "training.stop_after", "validation.num_items", "latent.tile_size", "latent.tile_overlap", "vae.kl_weight",
+    "vae.codebook_weight", "vae.perceptual_weight", "vae.restart_threshold", "vae.disc_start", "vae.disc_weight",
+    "eval.num_items", "eval.data_range", "eval.feature_channels", "eval.num_figures")
 # Probabilities and fractions.
 IN_ZERO_ONE = (
     "data.min_foreground", "data.flip_prob", "data.val_fraction", "data.test_fraction", "task.cond_drop_prob",

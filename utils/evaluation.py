@@ -117,7 +117,8 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
     Images: SSIM, PSNR, MAE, MSE (`image_scores`: volumes slice-wise, plus ssim_3d and psnr_3d), the same inside/
     outside `region_mask` when one of the scored size is available, and the same again for the degraded input
     against the reference (`input_ssim`, ...) when the item's condition is an image of the reference's shape: the
-    baseline a restoration model must beat. Masks: Dice per label. Several samples per item: diversity (mean
+    baseline a restoration model must beat; in latent space also for the reference's own latent decoded
+    (`autoencoder_ssim`, ...): the ceiling the autoencoder sets. Masks: Dice per label. Several samples per item: diversity (mean
     pairwise MS-SSIM). With several fields the names carry the field (`ssim_t1`) and `ssim` is the mean over the
     image fields. Items without a reference (unconditional tasks) get diversity only.
 
@@ -140,7 +141,9 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
                 regions.update({f"_in_{region_mask}": region, f"_out_{region_mask}": ~region})
             degraded = next((torch.from_numpy(c)[None].float() for c in item["condition"].values()
                              if np.issubdtype(c.dtype, np.floating) and c.shape == ref.shape[1:]), None)
-            for prefix, candidate in (("", gen.float()), ("input_", degraded)):
+            autoencoded = item.get("autoencoded", {}).get(f.name)
+            autoencoded = None if autoencoded is None else torch.from_numpy(autoencoded)[None].float()
+            for prefix, candidate in (("", gen.float()), ("input_", degraded), ("autoencoder_", autoencoded)):
                 if candidate is None:
                     continue
                 for name, mask in regions.items():
@@ -212,7 +215,8 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
         to_pixels: maps the decoded targets to the scored fields (latent -> pixel space).
 
     Returns, on every process, one dict per item in index order: index, item_id, generated (list over samples
-    of {name: array (C, H, W)}, masks as labels), reference and condition ({name: array (C, H, W)}).
+    of {name: array (C, H, W)}, masks as labels), reference and condition ({name: array (C, H, W)}), and
+    autoencoded ({name: array}: the reference's latent decoded, in latent space; else empty).
     """
     scored = list(scored or task.targets)
     results = []
@@ -229,8 +233,12 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
             decoded.update({f.name: decoded[f.name].clamp(-1, 1) for f in scored if not f.is_mask})
             samples.append({k: v.cpu().numpy() for k, v in decoded.items()})
         conditions = {f.name: batch[f.name] for f in task.conditions}
+        autoencoded = {}
         if to_pixels is not None:  # a latent condition decoded too: the decoded degraded input is the baseline
             conditions.update(to_pixels(conditions))
+            # The reference's own latent decoded: the autoencoder's ceiling on what any latent model can reach.
+            autoencoded = {k: v.clamp(-1, 1) for k, v in to_pixels({f.name: batch[f.name].float()
+                                                                    for f in task.targets}).items()}
         for j in range(real):
             results.append({
                 "index": idx[j],
@@ -238,6 +246,7 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
                 "generated": [{k: v[j] for k, v in sample.items()} for sample in samples],
                 "reference": {f.name: batch[f.name][j].cpu().numpy() for f in scored if f.name in batch},
                 "condition": {name: value[j].cpu().numpy() for name, value in conditions.items()},
+                "autoencoded": {name: value[j].cpu().numpy() for name, value in autoencoded.items()},
             })
         if progress is not None:
             progress.update(min(real * accelerator.num_processes, progress.total - progress.n))
