@@ -51,6 +51,9 @@ def check_config(cfg) -> None:
             check_autoencoder_config(cfg.vae, getattr(cfg.data, key.split(".")[1]), key)
     else:
         check_autoencoder_config(cfg.vae, cfg.data.training_shape())
+    if cfg.vae.perceptual_network and cfg.data.dims == 3 and cfg.vae.perceptual_slices > min(cfg.data.training_shape()):
+        raise ConfigError(f"vae.perceptual_slices={cfg.vae.perceptual_slices} distinct slices per axis do not fit "
+                          f"training samples of {cfg.data.training_shape()}")
     smallest = PatchDiscriminator.min_input_size(cfg.vae.disc_layers)
     if cfg.vae.disc_weight > 0 and min(cfg.data.training_shape()) < smallest:
         raise ConfigError(f"vae.disc_layers={cfg.vae.disc_layers} needs training samples of at least {smallest} per "
