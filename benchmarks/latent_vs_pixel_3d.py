@@ -3,7 +3,7 @@
     python benchmarks/latent_vs_pixel_3d.py [--steps 20] [--warmup 3] [--repeats 2] [--threads 0] [key=value ...]
 
 Pixel space: configs/demo_3d.yaml, its model section and batch size, a 1 x 16 x 48 x 48 target given a 1-channel
-condition. Latent space: configs/demo_ldm3d.yaml, an 8 x 4 x 12 x 12 target given an 8-channel condition, the
+condition. Latent space: configs/demo_ldm3d.yaml, a 4 x 8 x 24 x 24 target given a 4-channel condition, the
 latents of the autoencoder of configs/demo_vae3d.yaml. A third row puts the pixel preset's UNet (its widths, blocks
 and attention; the first and last convolutions follow the channels) on the latents at the latent preset's batch
 size, which separates what the smaller input saves from what the smaller model saves. A step is the one

@@ -131,7 +131,7 @@ def main(out: Path, volumes: bool):
         model(torch.zeros(2, 1, *shape), torch.full((2,), 10.0),
               {"spatial": torch.zeros(2, 3, *shape), "vector": torch.ones(2, 4) / 4})
     torch.manual_seed(1)
-    frozen_vae = build_autoencoder(VAEConfig(block_out_channels=[8, 16], norm_num_groups=4), 1, 16)
+    frozen_vae = build_autoencoder(VAEConfig(block_out_channels=[8, 16], norm_num_groups=4), 1, (16, 16))
     with ema.swapped(model):
         export_weights(out / "checkpoints" / "best-val_loss", model, {"metric": "val/loss", "value": 0.5, "step": 2})
         export_final(out / "final", model, build_strategy(DiffusionConfig()), {"targets": ["t1"]}, vae=frozen_vae)
@@ -143,7 +143,7 @@ def main(out: Path, volumes: bool):
     # A sharded autoencoder, trained one step, exported as train_vae.py does (best-<metric>/ and final/ alike).
     torch.manual_seed(2)
     autoencoder, vae_wrapped = shard(TrainableAutoencoder(build_autoencoder(
-        VAEConfig(block_out_channels=[8, 16], norm_num_groups=4), 1, 16)), wrap_classes,
+        VAEConfig(block_out_channels=[8, 16], norm_num_groups=4), 1, (16, 16))), wrap_classes,
         fsdp_config["fsdp_reshard_after_forward"])
     assert vae_wrapped > 0 and all(type(p).__name__ == "DTensor" for p in autoencoder.parameters())
     vae_optimizer = build_optimizer(autoencoder.parameters(), training)
