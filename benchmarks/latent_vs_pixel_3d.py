@@ -21,14 +21,13 @@ import dataclasses
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bare_step import collated_batches, mean_step_seconds  # noqa: E402
 from data import build_datasets  # noqa: E402
 from diffusion import build_strategy  # noqa: E402
 from diffusion.task import Field, Task, fields_from_config  # noqa: E402
@@ -36,16 +35,13 @@ from encode_latents import latents_of  # noqa: E402
 from models.autoencoder import FrozenAutoencoder, build_autoencoder  # noqa: E402
 from models.unet2d import build_denoiser  # noqa: E402
 from utils import config as config_lib  # noqa: E402
-from utils.training import build_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def slab_batches(data_cfg, seed: int, batch_size: int, tmp: Path, count: int = 4) -> list[dict]:
-    """`count` collated training batches of the preset's source slabs, consecutive items wrapping around."""
-    train = build_datasets(data_cfg, tmp, seed)["train"]
-    return [default_collate([train[(i * batch_size + j) % len(train)] for j in range(batch_size)])
-            for i in range(count)]
+    """`count` collated training batches of the preset's source slabs."""
+    return collated_batches(build_datasets(data_cfg, tmp, seed)["train"], batch_size, count)
 
 
 def encode_batches(batches: list[dict], autoencoder: FrozenAutoencoder, latents: dict[str, list[str]]) -> list[dict]:
@@ -70,26 +66,6 @@ def saved_mib(model, task: Task, strategy, batch: dict) -> float:
         elementwise, _ = strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch))
         task.reduce(elementwise, batch)[0].mean()
     return sum(storages.values()) / 2 ** 20
-
-
-def mean_step_s(model, task: Task, strategy, batches: list[dict], cfg, steps: int, warmup: int) -> float:
-    """Mean seconds of train_diffusion.py's optimizer step (one micro-batch) over `steps`, after `warmup` steps."""
-    optimizer = build_optimizer(model.parameters(), cfg.training)
-    max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
-    torch.manual_seed(cfg.run.seed)  # the noise and times the loss draws
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        batch = batches[i % len(batches)]
-        elementwise, _ = strategy.loss_terms(model, task.targets_of(batch),
-                                             task.condition_of(batch, cfg.task.cond_drop_prob))
-        per_sample, _ = task.reduce(elementwise, batch)
-        per_sample.mean().backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        bool(torch.isfinite(grad_norm))  # the loop's one host sync per step
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.manual_seed(cfg.run.seed)  # the initial weights
             model = build_denoiser(model_cfg, task)
             strategy = build_strategy(cfg.diffusion)
-            step_s = mean_step_s(model, task, strategy, batches, cfg, args.steps, args.warmup)
+            step_s = mean_step_seconds(model, task, strategy, batches, cfg, args.steps, args.warmup)
             results[name] = {"step_s": min(step_s, results[name]["step_s"]), "batch": len(batches[0]["item_id"]),
                              "widths": list(model_cfg.block_out_channels),
                              "input": (task.target_channels + task.condition_channels, *task.spatial_shape),

@@ -13,7 +13,6 @@ import argparse
 import csv
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,12 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_diffusion  # noqa: E402
+from benchmarks.bare_step import collated_batches, mean_step_seconds  # noqa: E402
 from data import build_datasets  # noqa: E402
 from diffusion import build_strategy  # noqa: E402
 from diffusion.task import Task, fields_from_config  # noqa: E402
 from models.unet2d import build_denoiser  # noqa: E402
 from utils import config as config_lib  # noqa: E402
-from utils.training import build_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,22 +37,8 @@ def bare_step_throughput(cfg, run_dir: Path, steps: int, warmup: int) -> float:
     strategy = build_strategy(cfg.diffusion)
     torch.manual_seed(cfg.run.seed)
     model = build_denoiser(cfg.model, task)
-    optimizer = build_optimizer(model.parameters(), cfg.training)
-    train, bs = datasets["train"], cfg.training.batch_size
-    batches = [torch.utils.data.default_collate([train[(i * bs + j) % len(train)] for j in range(bs)])
-               for i in range(8)]
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        batch = batches[i % len(batches)]
-        elementwise, _ = strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch))
-        per_sample, _ = task.reduce(elementwise, batch)
-        per_sample.mean().backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-        bool(torch.isfinite(grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return steps * bs / (time.perf_counter() - start)
+    batches = collated_batches(datasets["train"], cfg.training.batch_size, 8)
+    return cfg.training.batch_size / mean_step_seconds(model, task, strategy, batches, cfg, steps, warmup)
 
 
 def loop_throughput(args, run_dir: Path, steps: int, warmup: int) -> tuple[float, float]:
