@@ -194,7 +194,8 @@ def main(argv=None):
         report = {"metrics": {**summary, **fid_scores}, "data_range": data_range,
                   "settings": {"weights": ev.weights, "split": ev.split, "num_items": count,
                                "samples_per_item": ev.samples_per_item, "sampling_steps": ev.sampling_steps,
-                               "strategy": cfg.diffusion.strategy, "guidance_scale": cfg.diffusion.guidance_scale,
+                               "strategy": cfg.diffusion.strategy, "sampler": strategy.sampler,
+                               "guidance_scale": cfg.diffusion.guidance_scale,
                                "seed": ev.seed, "num_processes": accelerator.num_processes,
                                "normalization": reference_set.normalization}}
         write_outputs(out, items, scores, report, scored)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from diffusion.common import Strategy, append_dims, guided
+from diffusion import ddpm, rflow
 from diffusion.ddpm import BETA_SCHEDULES, DDPM, LOSS_WEIGHTINGS, PREDICTION_TYPES
 from diffusion.rflow import TIMESTEP_SAMPLINGS, RectifiedFlow
 from utils.config import ConfigError, DiffusionConfig, check_choice
 
 STRATEGIES: dict[str, type] = {"ddpm": DDPM, "rflow": RectifiedFlow}
-SAMPLERS = {"ddpm": ("ddim",), "rflow": ("euler",)}
+SAMPLERS = {"ddpm": ddpm.SAMPLERS, "rflow": rflow.SAMPLERS}  # the first is each strategy's default
 
 __all__ = ["STRATEGIES", "Strategy", "DDPM", "RectifiedFlow", "build_strategy", "check_config", "append_dims",
            "guided"]
@@ -55,7 +56,8 @@ def check_config(cfg: DiffusionConfig) -> None:
 def build_strategy(cfg: DiffusionConfig) -> Strategy:
     """The strategy the config names, after `check_config`."""
     check_config(cfg)
+    sampler = cfg.sampler or SAMPLERS[cfg.strategy][0]
     if cfg.strategy == "ddpm":
         return DDPM(cfg.num_train_timesteps, cfg.beta_schedule, cfg.objective, cfg.loss_weighting,
-                    cfg.min_snr_gamma, cfg.p2_gamma, cfg.p2_k)
-    return RectifiedFlow(cfg.num_train_timesteps, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+                    cfg.min_snr_gamma, cfg.p2_gamma, cfg.p2_k, sampler)
+    return RectifiedFlow(cfg.num_train_timesteps, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, sampler)

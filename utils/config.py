@@ -137,7 +137,7 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"  # rflow: uniform | logit_normal
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    sampler: str = ""  # "" = the strategy's own: ddim for ddpm, euler for rflow
+    sampler: str = ""  # ddpm: ddim | dpm_solver; rflow: euler | heun; "" = ddim for ddpm, euler for rflow
     guidance_scale: float = 1.0
 
 
