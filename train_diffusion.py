@@ -26,6 +26,7 @@ from utils.checkpoint import load_checkpoint
 from utils.ema import EMA
 from utils.evaluation import evenly_spaced, heldout_loss, mean_scores, sample_items, score_item, shown_condition
 from utils.export import export_final, export_weights
+from utils.model_card import model_card
 from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
@@ -202,7 +203,7 @@ def main(argv=None):
         # DDIMPipeline samples an unconditional pixel-space DDPM; for a latent one it would return latents.
         stock_pipeline = cfg.diffusion.strategy == "ddpm" and vae is None and not (task.is_conditional or task.vector)
         export_final(run_dir / "final", accelerator.unwrap_model(model), strategy, info,
-                     "DDIMPipeline" if stock_pipeline else "", vae=vae)
+                     "DDIMPipeline" if stock_pipeline else "", vae=vae, card=model_card(cfg, run_dir, argv))
     metrics_log.close()
     logger.info("done: %s", run_dir / "final")
 

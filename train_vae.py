@@ -30,6 +30,7 @@ from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError
 from utils.ema import EMA
 from utils.evaluation import evenly_spaced
+from utils.model_card import model_card
 from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
@@ -219,7 +220,8 @@ def main(argv=None):
 
     # Export the EMA weights in diffusers format (on every rank: sharded weights are gathered, rank 0 writes).
     with ema.swapped(model) if ema else nullcontext():
-        export_autoencoder(run_dir / "final", accelerator.unwrap_model(model).vae, description)
+        export_autoencoder(run_dir / "final", accelerator.unwrap_model(model).vae, description,
+                           card=model_card(cfg, run_dir, argv, "autoencoder"))
     metrics_log.close()
     logger.info("done: %s", run_dir / "final")
 

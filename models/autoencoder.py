@@ -145,8 +145,9 @@ class TrainableAutoencoder(nn.Module):
 
 
 def export_autoencoder(folder: Path, vae: Union[AutoencoderKL, VQModel], description: dict,
-                       metric: Optional[dict] = None) -> Path:
-    """Write vae/ (diffusers format) and autoencoder.yaml (and metric.json for a best-<metric> folder),
+                       metric: Optional[dict] = None, card: str = "") -> Path:
+    """Write vae/ (diffusers format), autoencoder.yaml (and metric.json for a best-<metric> folder, the model card
+    README.md for final/),
     atomically: `AutoencoderKL.from_pretrained(folder, subfolder="vae")` (or VQModel) loads it. Every rank calls
     it: the weights are gathered from all of them and rank 0 writes.
 
@@ -161,6 +162,8 @@ def export_autoencoder(folder: Path, vae: Union[AutoencoderKL, VQModel], descrip
         (tmp / METADATA_FILE).write_text(yaml.safe_dump(description, sort_keys=False))
         if metric is not None:
             (tmp / "metric.json").write_text(json.dumps(metric, indent=2))
+        if card:
+            (tmp / "README.md").write_text(card)
 
     return write_on_rank0(folder, write)
 

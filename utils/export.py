@@ -56,8 +56,10 @@ def _save_denoiser(denoiser, state: dict, folder: Path) -> None:
         save_file({"weight": state["vector_embedding"].contiguous()}, folder / VECTOR_EMBEDDING_FILE)
 
 
-def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_class: str = "", vae=None) -> Path:
-    """Write unet/, scheduler/, task.yaml (and model_index.json when a stock pipeline can sample the model).
+def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_class: str = "", vae=None,
+                 card: str = "") -> Path:
+    """Write unet/, scheduler/, task.yaml, the model card README.md (and model_index.json when a stock pipeline can
+    sample the model).
 
     Args:
         denoiser: the unwrapped `Denoiser`, possibly sharded (EMA weights already swapped in).
@@ -65,6 +67,7 @@ def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_cla
         pipeline_class: e.g. "DDIMPipeline" for an unconditional pixel-space DDPM model; "" writes no
             model_index.json.
         vae: the frozen autoencoder of a latent diffusion model, written to vae/.
+        card: the model card (utils.model_card), written as README.md.
     """
     state = gather_full_state(denoiser)
     vae_state = gather_full_state(vae) if vae is not None else None
@@ -75,6 +78,8 @@ def export_final(folder: Path, denoiser, strategy, task_info: dict, pipeline_cla
         if vae is not None:
             save_diffusers_model(vae, vae_state, tmp / "vae")
         (tmp / "task.yaml").write_text(yaml.safe_dump(task_info, sort_keys=False))
+        if card:
+            (tmp / "README.md").write_text(card)
         if pipeline_class:
             scheduler_class = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
             (tmp / "model_index.json").write_text(json.dumps({
