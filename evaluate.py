@@ -25,12 +25,15 @@ from diffusion.task import Field, Task
 from models.unet2d import Denoiser, build_denoiser, load_denoiser
 from utils import config as config_lib
 from utils import metrics
+from utils.checkpoint import atomic_write_text
 from utils.config import ConfigError
 from utils.distributed import check_launch
-from utils.evaluation import SeedItems, evenly_spaced, sample_items, score_item, shown_condition, summarise
+from utils.evaluation import (SeedItems, evenly_spaced, pooled_uncertainty, sample_items, score_item, shown_condition,
+                              summarise, uncertainty_maps)
 from utils.logging import setup_logging
+from utils.model_card import with_evaluation
 from utils.visualization import (comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours,
-                                 volume_figure)
+                                 uncertainty_grid, volume_figure)
 
 MAX_VOLUME_FIGURES = 4  # held-out volumes drawn as montage, orthogonal views and MIPs
 
@@ -63,8 +66,10 @@ def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict
         for item, score in zip(items, scores):
             writer.writerow([item["item_id"], *[f"{score.get(n, float('nan')):.8g}" for n in names]])
     for item in items:
-        # generated (S, C, H, W) and reference (C, H, W) of the first scored field, plus every field by name.
+        # generated (S, C, H, W) and reference (C, H, W) of the first scored field, plus every field by name;
+        # with several samples also std_<field> (C, H, W), the per-pixel std over the samples.
         arrays = {"data_range": np.float64(report["data_range"])}
+        arrays.update({f"std_{name}": std for name, std in uncertainty_maps(item, scored).items()})
         for k, f in enumerate(scored):
             generated = np.stack([g[f.name] for g in item["generated"]])
             arrays[f"generated_{f.name}"] = generated
@@ -83,14 +88,16 @@ def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict
 
 
 def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict, shown: Field,
-            paired: bool, spacing=(1.0, 1.0, 1.0)) -> None:
+            paired: bool, spacing=(1.0, 1.0, 1.0), hu_per_unit: float = 0.0) -> None:
     """comparison.png (condition | generated | reference | error, contours), denoising.png, training curves;
-    for volumes also volumes/<item>-montage.png, -orthogonal.png and -mip.png.
+    with several samples per item uncertainty.png (std over samples | |sample 1 - reference|); for volumes also
+    volumes/<item>-montage.png, -orthogonal.png and -mip.png.
 
     Args:
         paired: whether the reference is the generated item's own ground truth (a spatial condition); a vector
             condition only shares the class make-up with its held-out tile, so no error map is drawn then.
         spacing: voxel size (D, H, W) in mm of volumes, for their aspect ratio.
+        hu_per_unit: Hounsfield units per normalised unit (> 0: uncertainty.png is drawn in HU).
     """
     rows, titles = [], []
     for item in items[:count]:
@@ -107,6 +114,17 @@ def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict
         rows.append(row)
         titles.append(item["item_id"])
     comparison_grid(rows, out / "comparison.png", titles=titles)
+    if uncertainty_maps(items[0], [shown]):  # several samples per item (none for a mask field)
+        scale, unit = (hu_per_unit, "HU") if hu_per_unit > 0 else (1.0, "normalised units")
+        rows = []
+        for item in items[:count]:
+            row = {f"std over {len(item['generated'])} samples": uncertainty_maps(item, [shown])[shown.name]}
+            if paired and shown.name in item["reference"]:
+                row["|sample 1 - reference|"] = np.abs(item["generated"][0][shown.name] - item["reference"][shown.name])
+            rows.append({k: figure_array(v) * scale for k, v in row.items()})
+        uncertainty_grid(rows, out / "uncertainty.png", unit, titles=titles)
+    else:  # one sample: no spread, and no figure left over from an earlier evaluation with several
+        (out / "uncertainty.png").unlink(missing_ok=True)
     for item in items[:min(count, MAX_VOLUME_FIGURES)]:
         generated = item["generated"][0][shown.name]
         if generated.ndim != 4:  # (C, D, H, W) volumes only
@@ -181,8 +199,8 @@ def main(argv=None):
                          scored=scored, to_pixels=bundle.to_pixels)
     progress.close()
     # Per-item comparisons need a reference that the conditions pin down (a spatial condition).
-    scores = [score_item(scored, item if task.is_conditional else {**item, "reference": {}}, data_range,
-                         task.region_mask, hu_per_unit) for item in items]
+    paired = items if task.is_conditional else [{**item, "reference": {}} for item in items]
+    scores = [score_item(scored, item, data_range, task.region_mask, hu_per_unit) for item in paired]
     fid_scores = {}
     if features is not None:
         fid_scores = distribution_scores(features, items, scored, reference_set, accelerator)
@@ -190,7 +208,9 @@ def main(argv=None):
     # Write (one writer).
     if accelerator.is_main_process:
         out = run_dir / "eval"
-        summary = summarise(scores)
+        # Uncertainty entries get their pooled (all-pixel) value beside the per-item mean.
+        pooled = pooled_uncertainty(paired, scored)
+        summary = {k: {**v, **pooled.get(k, {})} for k, v in summarise(scores).items()}
         report = {"metrics": {**summary, **fid_scores}, "data_range": data_range,
                   "settings": {"weights": ev.weights, "split": ev.split, "num_items": count,
                                "samples_per_item": ev.samples_per_item, "sampling_steps": ev.sampling_steps,
@@ -199,10 +219,13 @@ def main(argv=None):
                                "seed": ev.seed, "num_processes": accelerator.num_processes,
                                "normalization": reference_set.normalization}}
         write_outputs(out, items, scores, report, scored)
+        card = run_dir / "final" / "README.md"
+        if ev.weights == "final" and card.is_file():  # the shared export says how it evaluated
+            atomic_write_text(card, with_evaluation(card.read_text(), report))
         strip = denoising_trajectory(strategy, net, task, items_set, ev, accelerator.device, bundle.to_pixels,
                                      scored[0].name)
         figures(out, run_dir, items, ev.num_figures, strip, scored[0], paired=task.is_conditional,
-                spacing=display_spacing(cfg.data))
+                spacing=display_spacing(cfg.data), hu_per_unit=hu_per_unit)
         logger.info("%s", ", ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None))
         logger.info("wrote %s", out)
     accelerator.wait_for_everyone()

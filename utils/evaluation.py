@@ -118,14 +118,17 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
     outside `region_mask` when one of the scored size is available, and the same again for the degraded input
     against the reference (`input_ssim`, ...) when the item's condition is an image of the reference's shape: the
     baseline a restoration model must beat; in latent space also for the reference's own latent decoded
-    (`autoencoder_ssim`, ...): the ceiling the autoencoder sets. Masks: Dice per label. Several samples per item: diversity (mean
-    pairwise MS-SSIM). With several fields the names carry the field (`ssim_t1`) and `ssim` is the mean over the
-    image fields. Items without a reference (unconditional tasks) get diversity only.
+    (`autoencoder_ssim`, ...): the ceiling the autoencoder sets. Masks: Dice per label. Several samples per item:
+    diversity (mean pairwise MS-SSIM). With several fields the names carry the field (`ssim_t1`) and `ssim` is the mean over the
+    image fields. Several samples per item also give `uncertainty_mean` (mean per-pixel std over the samples) and
+    `uncertainty_error_correlation` (see `pooled_uncertainty`). Items without a reference (unconditional tasks)
+    get diversity and uncertainty_mean only.
 
     Args:
         hu_per_unit: Hounsfield units per normalised unit (half the CT window); > 0 adds `mae_hu` and `rmse_hu`.
     """
     scores = {}
+    uncertainty = uncertainty_maps(item, fields)
     for f in fields:
         suffix = "" if len(fields) == 1 else f"_{f.name}"
         gen = torch.from_numpy(item["generated"][0][f.name])[None]  # (1, C, *spatial)
@@ -154,6 +157,11 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
                     scores[f"{prefix}mae_hu{suffix}"] = float(per_slice.double().mean()) * hu_per_unit
                     rmse = per_slice.double().pow(2).flatten(1).mean(1).sqrt().mean()
                     scores[f"{prefix}rmse_hu{suffix}"] = float(rmse) * hu_per_unit
+        if f.name in uncertainty:
+            scores[f"uncertainty_mean{suffix}"] = float(uncertainty[f.name].mean())
+            if ref is not None:
+                scores[f"uncertainty_error_correlation{suffix}"] = pearson_correlation(
+                    uncertainty[f.name], mean_sample_error(item, f.name))
         if len(item["generated"]) > 1 and not f.is_mask:
             samples = torch.stack([torch.from_numpy(g[f.name]).float() for g in item["generated"]])
             # Volumes (S, C, D, H, W): the mean over slices of the diversity of each slice.
@@ -164,6 +172,63 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
     if per_image:  # several scored fields: one SSIM over the images too, which selects best-val_ssim
         scores["ssim"] = float(np.mean(per_image))
     return scores
+
+
+def uncertainty_maps(item: dict, fields: Sequence[Field]) -> dict[str, np.ndarray]:
+    """Per-pixel (per-voxel) standard deviation over an item's samples, {name: (C, *spatial) float32}, for each
+    image field; empty with a single sample (no spread to measure)."""
+    if len(item["generated"]) < 2:
+        return {}
+    # float64, so identical samples give exactly 0 (a float32 mean of 3 equal values need not round back).
+    return {f.name: np.stack([g[f.name] for g in item["generated"]]).astype(np.float64).std(0).astype(np.float32)
+            for f in fields if not f.is_mask}
+
+
+def mean_sample_error(item: dict, name: str) -> np.ndarray:
+    """|mean over samples - reference| per pixel (C, *spatial): the error of the estimate the std is the spread of."""
+    mean = np.stack([g[name] for g in item["generated"]]).astype(np.float64).mean(0)
+    return np.abs(mean - item["reference"][name])
+
+
+def pearson_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two arrays' values (flattened, float64); NaN when either is constant or empty."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.size != y.size:
+        raise ValueError(f"pearson_correlation needs arrays of one size, got {x.size} and {y.size} values")
+    if x.size == 0:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def pooled_uncertainty(items: list[dict], fields: Sequence[Field]) -> dict[str, dict]:
+    """Pearson correlation of the per-pixel std over samples with the per-pixel |error| of the sample mean, and the
+    mean std, pooled over all pixels of all items with a reference, per image field (names as in `score_item`).
+
+    Every process holds all items (`sample_items` gathers them), so the pooled numbers do not depend on the
+    number of processes. Empty with one sample per item. An undefined correlation (all stds 0) is None.
+    """
+    pooled = {}
+    image_fields = [f for f in fields if not f.is_mask]
+    for f in image_fields:
+        suffix = "" if len(fields) == 1 else f"_{f.name}"
+        maps = [(uncertainty_maps(it, [f]).get(f.name), it) for it in items]
+        maps = [(std, it) for std, it in maps if std is not None]
+        if not maps:
+            continue
+        pooled[f"uncertainty_mean{suffix}"] = {
+            "pooled": float(np.concatenate([std.ravel() for std, _ in maps]).astype(np.float64).mean())}
+        paired = [(std, it) for std, it in maps if f.name in it["reference"]]
+        if paired:
+            # Holds two arrays per item beside the S samples per item already held: no new order of memory.
+            r = pearson_correlation(np.concatenate([std.ravel() for std, _ in paired]),
+                                    np.concatenate([mean_sample_error(it, f.name).ravel() for _, it in paired]))
+            pooled[f"uncertainty_error_correlation{suffix}"] = {
+                "pooled": r if np.isfinite(r) else None, "pixels": int(sum(std.size for std, _ in paired)),
+                "error_of": "mean of the samples"}
+    return pooled
 
 
 def summarise(scores: list[dict[str, float]]) -> dict[str, dict]:

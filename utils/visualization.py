@@ -157,6 +157,44 @@ def comparison_grid(rows: list[dict[str, np.ndarray]], path: Path, data_range: f
     return _save(figure, path)
 
 
+def uncertainty_grid(rows: list[dict[str, np.ndarray]], path: Path, unit: str,
+                     titles: Optional[Sequence[str]] = None) -> Path:
+    """One row per item of non-negative maps, e.g. std over samples | |sample 1 - reference|, each with a colour
+    bar in `unit`; each column shares one scale (0 to its largest value) across rows.
+
+    Args:
+        rows: one dict per item, column title -> (H, W) map, or (C, H, W) (the mean over channels is drawn).
+        unit: what the values are in, written on the colour bars ("normalised units", "HU").
+        titles: optional label per row (an item id), written left of the row.
+    """
+    if not rows:
+        raise ValueError("uncertainty_grid needs at least one row")
+    if titles is not None and len(titles) != len(rows):
+        raise ValueError(f"{len(titles)} titles for {len(rows)} rows")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    maps = [{k: (v.mean(0) if v.ndim == 3 else v).astype(np.float64) for k, v in row.items()} for row in rows]
+    vmax = {k: max((float(m[k].max()) for m in maps if k in m), default=0.0) or 1e-6 for k in columns}
+    figure = _new_figure((_PANEL_INCHES + 0.6) * len(columns), _PANEL_INCHES * len(rows) + 0.3)
+    axes = figure.subplots(len(rows), len(columns), squeeze=False)
+    for r, row in enumerate(maps):
+        for c, key in enumerate(columns):
+            ax = axes[r, c]
+            if r == 0:
+                ax.set_title(key, fontsize=10)
+            if key not in row:
+                ax.axis("off")
+                continue
+            image = ax.imshow(row[key], cmap="magma", vmin=0, vmax=vmax[key], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            bar = figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+            bar.ax.tick_params(labelsize=7)
+            bar.set_label(unit, fontsize=7)
+        if titles is not None:
+            axes[r, 0].set_ylabel(str(titles[r]), fontsize=9)
+    return _save(figure, path)
+
+
 def overlay_contours(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """RGB uint8 (H, W, 3) of an image in [-1, 1] with the boundary of each label drawn in its colour.
 
