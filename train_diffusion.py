@@ -7,11 +7,13 @@ Rerunning the same command continues the run from its newest complete checkpoint
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data import augment, balanced_weights
@@ -23,9 +25,12 @@ from diffusion.task import Task
 from models.unet2d import build_denoiser
 from utils import config as config_lib
 from utils.checkpoint import load_checkpoint
+from utils.distributed import check_launch
 from utils.ema import EMA
 from utils.evaluation import evenly_spaced, heldout_loss, mean_scores, sample_items, score_item, shown_condition
 from utils.export import export_final, export_weights
+from utils.logging import setup_logging
+from utils.lr_finder import run_lr_finder
 from utils.model_card import model_card
 from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
@@ -88,9 +93,40 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
                 logger.info("new best %s = %.4f at step %d", name, results[name], step)
 
 
+def batch_loss(model, task: Task, strategy, batch: dict, cond_drop_prob: float) -> tuple[torch.Tensor, dict]:
+    """The mean training loss of a batch (conditions dropped with `cond_drop_prob`) and its diagnostics."""
+    elementwise, _ = strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch, cond_drop_prob))
+    per_sample, diagnostics = task.reduce(elementwise, batch)
+    return per_sample.mean(), diagnostics
+
+
+def find_lr(cfg, args) -> None:
+    """The LR range test on the run's data, model and loss; writes lr_finder.json and lr_finder.png into
+    run.output_dir, and no checkpoint, config or split."""
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision)
+    check_launch(accelerator)
+    logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
+    with tempfile.TemporaryDirectory() as scratch:  # the split and data records stay out of the run directory
+        bundle = load_data(cfg, Path(scratch), True, accelerator.device)
+    task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
+    strategy = build_strategy(cfg.diffusion)
+    set_seed(cfg.run.seed)
+    model = build_denoiser(cfg.model, task)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model.parameters(), cfg.training))
+    batches = training_batches(bundle.datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, 0)
+
+    def next_loss() -> torch.Tensor:
+        batch = augment(to_device(next(batches), accelerator.device), cfg.data)
+        return batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob)[0]
+
+    run_lr_finder(cfg, args, accelerator, model, optimizer, next_loss, logger)
+
+
 def main(argv=None):
     # Configuration and launch checks.
-    _, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo.yaml")
+    args, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo.yaml", lr_finder=True)
+    if args.find_lr:
+        return find_lr(cfg, args)
     accelerator, logger, run_dir, checkpoints, resume_from = start_training_run(cfg)
 
     # Data, task, model, strategy. Everything that can reject the input runs before any training.
@@ -143,10 +179,7 @@ def main(argv=None):
                 batch = augment(to_device(batch, accelerator.device), cfg.data)
                 timing["data"] += time.perf_counter() - data_start
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                    x0 = task.targets_of(batch)
-                    elementwise, _ = strategy.loss_terms(model, x0, task.condition_of(batch, cfg.task.cond_drop_prob))
-                    per_sample, diagnostics = task.reduce(elementwise, batch)
-                    loss = per_sample.mean()
+                    loss, diagnostics = batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob)
                 accelerator.backward(loss / accum)
                 for name, value in {"loss": loss, **diagnostics}.items():
                     step_values[name] = step_values.get(name, 0.0) + value.detach().float() / accum

@@ -11,12 +11,14 @@ what latent.autoencoder names for encode_latents.py.
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data import augment, build_datasets
@@ -28,8 +30,11 @@ from models.losses import AutoencoderLoss
 from utils import config as config_lib
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError
+from utils.distributed import check_launch
 from utils.ema import EMA
 from utils.evaluation import evenly_spaced
+from utils.logging import setup_logging
+from utils.lr_finder import run_lr_finder
 from utils.model_card import model_card
 from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
@@ -97,10 +102,35 @@ def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log,
             logger.info("new best %s = %.3f at step %d", BEST_METRIC, results[BEST_METRIC], step)
 
 
+def find_lr(cfg, args) -> None:
+    """The LR range test of the autoencoder (reconstruction and regulariser losses; the adversarial loss starts
+    later in training and is left out); writes lr_finder.json and lr_finder.png into run.output_dir only."""
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision)
+    check_launch(accelerator)
+    logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
+    with tempfile.TemporaryDirectory() as scratch:  # the split stays out of the run directory
+        datasets = build_datasets(cfg.data, Path(scratch), cfg.run.seed, is_main_process=True)
+    loss_fn = AutoencoderLoss(cfg.vae, accelerator.device)
+    set_seed(cfg.run.seed)
+    channels = sum(int(datasets["train"][0][n].shape[0]) for n in cfg.vae.inputs)
+    model = TrainableAutoencoder(build_autoencoder(cfg.vae, channels, cfg.data.training_shape()))
+    model, optimizer = accelerator.prepare(model, build_optimizer(model.parameters(), cfg.training))
+    batches = training_batches(datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, 0)
+
+    def next_loss() -> torch.Tensor:
+        batch = augment(to_device(next(batches), accelerator.device), cfg.data)
+        return loss_fn(model, torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1))[0].mean()
+
+    run_lr_finder(cfg, args, accelerator, model, optimizer, next_loss, logger)
+
+
 def main(argv=None):
     # Configuration and launch checks.
-    _, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo_vae.yaml", denoiser=False)
+    args, cfg = config_lib.parse_args(argv, __doc__, default_config="configs/demo_vae.yaml", denoiser=False,
+                                      lr_finder=True)
     check_config(cfg)
+    if args.find_lr:
+        return find_lr(cfg, args)
     accelerator, logger, run_dir, checkpoints, resume_from = start_training_run(cfg)
 
     # Data, losses, autoencoder and discriminator. Everything that can reject the input runs before any training.

@@ -308,17 +308,25 @@ def save(cfg: Config, path: Path) -> None:
 
 
 def parse_args(argv: Optional[list[str]], description: str, default_config: Optional[str] = None,
-               run_flag: bool = False, denoiser: bool = True) -> tuple[argparse.Namespace, Config]:
+               run_flag: bool = False, denoiser: bool = True, lr_finder: bool = False
+               ) -> tuple[argparse.Namespace, Config]:
     """Parse `--config`, `--print-config`, optional `--run` and dotted overrides into a Config.
 
     Args:
         denoiser: the script builds the `model` section's UNet (its widths are checked against the image size).
+        lr_finder: the script trains, so it offers the LR range test (`--find-lr`, utils/lr_finder.py).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=None, help="YAML preset (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     if run_flag:
         parser.add_argument("--run", type=Path, default=None, help="run directory; reads its config.yaml")
+    if lr_finder:
+        parser.add_argument("--find-lr", action="store_true",
+                            help="run the LR range test instead of training; writes run.output_dir/lr_finder.*")
+        parser.add_argument("--find-lr-steps", type=int, default=100, help="at most this many sweep steps")
+        parser.add_argument("--find-lr-min", type=float, default=1e-7, help="the sweep's first LR")
+        parser.add_argument("--find-lr-max", type=float, default=1.0, help="the sweep's last LR")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-4")
     args = parser.parse_args(argv)
     yaml_path = args.config
