@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
+from torch.utils.data import default_collate
+from torch.utils.flop_counter import FlopCounterMode
 
 from data import augment, balanced_weights
 from data.arrays import to_device
@@ -93,11 +95,28 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
                 logger.info("new best %s = %.4f at step %d", name, results[name], step)
 
 
-def batch_loss(model, task: Task, strategy, batch: dict, cond_drop_prob: float) -> tuple[torch.Tensor, dict]:
-    """The mean training loss of a batch (conditions dropped with `cond_drop_prob`) and its diagnostics."""
-    elementwise, _ = strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch, cond_drop_prob))
+QUARTILES = 4  # train/loss_t_q1..4: the loss of the samples whose diffusion time fell in each quarter of [0, 1]
+
+
+def batch_loss(model, task: Task, strategy, batch: dict, cond_drop_prob: float) -> tuple[torch.Tensor, dict, dict]:
+    """The mean training loss of a batch (conditions dropped with `cond_drop_prob`), its diagnostics, and per time
+    quartile the (sum, count) of its samples' losses."""
+    elementwise, t = strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch, cond_drop_prob))
     per_sample, diagnostics = task.reduce(elementwise, batch)
-    return per_sample.mean(), diagnostics
+    quartile = (t.detach() * QUARTILES).long().clamp(max=QUARTILES - 1)
+    by_time = {f"loss_t_q{q + 1}": ((per_sample.detach().float() * (quartile == q)).sum(), (quartile == q).sum())
+               for q in range(QUARTILES)}
+    return per_sample.mean(), diagnostics, by_time
+
+
+@torch.no_grad()
+def forward_flops(model, task: Task, strategy, dataset, device) -> float:
+    """FLOPs of the denoiser's forward pass on one training item at its training size (torch's flop counter;
+    the backward pass costs about twice as much again)."""
+    batch = to_device(default_collate([dataset[0]]), device)
+    with FlopCounterMode(display=False) as counter:
+        strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch))
+    return float(counter.get_total_flops())
 
 
 def find_lr(cfg, args) -> None:
@@ -162,6 +181,10 @@ def main(argv=None):
     max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else float("inf")
     progress = Progress(cfg.training.max_steps, step, cfg.training.log_every, accelerator.is_main_process, logger)
 
+    if step == 0 and accelerator.distributed_type != DistributedType.FSDP:  # FSDP's sharded forward is not counted
+        flops = forward_flops(model, task, strategy, datasets["train"], accelerator.device)
+        metrics_log.log({"model/gflops_per_sample": flops / 1e9}, 0)
+        logger.info("%.3g GFLOPs per sample and training forward pass", flops / 1e9)
     if step == 0 and cfg.validation.at_start:
         validate(0, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
     start_step, stop_reason = step, ""
@@ -171,7 +194,7 @@ def main(argv=None):
         while step < cfg.training.max_steps and not stop_reason:
             seed_step(cfg.run.seed, step, accelerator.process_index)
             # Accumulate gradients; only the last micro-batch synchronises them across processes.
-            step_values = {}
+            step_values, step_by_time = {}, {}
             for micro in range(accum):
                 data_start = time.perf_counter()
                 batch = next(batches)
@@ -179,10 +202,13 @@ def main(argv=None):
                 batch = augment(to_device(batch, accelerator.device), cfg.data)
                 timing["data"] += time.perf_counter() - data_start
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                    loss, diagnostics = batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob)
+                    loss, diagnostics, by_time = batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob)
                 accelerator.backward(loss / accum)
                 for name, value in {"loss": loss, **diagnostics}.items():
                     step_values[name] = step_values.get(name, 0.0) + value.detach().float() / accum
+                for name, (total, count) in by_time.items():
+                    before = step_by_time.get(name, (0.0, 0))
+                    step_by_time[name] = (before[0] + total, before[1] + count)
 
             # Clip and step, unless the gradient is not finite.
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
@@ -196,6 +222,7 @@ def main(argv=None):
             if finite:
                 # Averages cover the steps that were taken; skipped ones are counted in train/nonfinite_steps.
                 running.add({**step_values, "grad_norm": grad_norm.detach().float()})
+                running.add_counted(step_by_time)
                 if ema is not None:
                     ema.update(model, step)
             guard.record(finite, step, logger)

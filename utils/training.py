@@ -129,14 +129,22 @@ class RunningMeans:
             total, n = self.sums.get(name, (0.0, 0))
             self.sums[name] = (total + value, n + 1)
 
+    def add_counted(self, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add (sum, count) pairs: the metric becomes a mean over what was counted (e.g. samples in a time
+        quartile), not over steps; counts stay on the device too."""
+        for name, (value, count) in values.items():
+            total, n = self.sums.get(name, (0.0, 0))
+            self.sums[name] = (total + value, n + count)
+
     def pop_means(self) -> dict[str, float]:
-        """The averages since the last call, then start again."""
-        means = {name: float(total) / n for name, (total, n) in self.sums.items()}
+        """The averages since the last call (metrics with nothing counted left out), then start again."""
+        counts = {name: float(n) for name, (_, n) in self.sums.items()}
+        means = {name: float(total) / counts[name] for name, (total, _) in self.sums.items() if counts[name] > 0}
         self.sums = {}
         return means
 
     def state_dict(self) -> dict:
-        return {name: [float(total), n] for name, (total, n) in self.sums.items()}
+        return {name: [float(total), float(n)] for name, (total, n) in self.sums.items()}
 
 
 def training_batches(dataset, cfg: TrainingConfig, data_cfg, accelerator, seed: int, step: int,
