@@ -60,6 +60,9 @@ def check_config(cfg) -> None:
     if cfg.vae.perceptual_network and cfg.data.dims == 3 and cfg.vae.perceptual_slices > min(cfg.data.training_shape()):
         raise ConfigError(f"vae.perceptual_slices={cfg.vae.perceptual_slices} distinct slices per axis do not fit "
                           f"training samples of {cfg.data.training_shape()}")
+    if cfg.vae.gradient_checkpointing and cfg.vae.kind == "vq" and cfg.data.dims == 2:
+        raise ConfigError("vae.gradient_checkpointing: diffusers' VQModel does not support it (2D vae.kind=vq); "
+                          "use vae.kind=kl or turn it off")
     smallest = PatchDiscriminator.min_input_size(cfg.vae.disc_layers)
     if cfg.vae.disc_weight > 0 and min(cfg.data.training_shape()) < smallest:
         raise ConfigError(f"vae.disc_layers={cfg.vae.disc_layers} needs training samples of at least {smallest} per "

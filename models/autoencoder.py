@@ -70,6 +70,16 @@ def build_autoencoder(cfg: VAEConfig, in_channels: int, sample_shape: Sequence[i
         in_channels: channels of the concatenated `vae.inputs`; the decoder outputs as many.
         sample_shape: the training image's (patch's) spatial sizes: two or three of them.
     """
+    vae = _build(cfg, in_channels, sample_shape)
+    if cfg.gradient_checkpointing:
+        if not vae._supports_gradient_checkpointing:
+            raise ConfigError(f"vae.gradient_checkpointing: diffusers' {type(vae).__name__} does not support it "
+                              "(2D vae.kind=vq); use vae.kind=kl or turn it off")
+        vae.enable_gradient_checkpointing()
+    return vae
+
+
+def _build(cfg: VAEConfig, in_channels: int, sample_shape: Sequence[int]) -> Union[AutoencoderKL, VQModel, PatchVolume]:
     check_autoencoder_config(cfg, sample_shape)
     levels = len(cfg.block_out_channels)
     if len(sample_shape) == 3:

@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.losses import kl_divergence
 from utils.config import ConfigError
@@ -131,12 +132,20 @@ def _output_block(channels: int, out_channels: int, norm_groups: int) -> nn.Sequ
     return nn.Sequential(_group_norm(channels, norm_groups), nn.SiLU(), nn.Conv3d(channels, out_channels, 3, padding=1))
 
 
+def _run(owner: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
+    """One stage or middle block, recomputed in the backward pass when the owner's gradient checkpointing is on."""
+    if owner.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
 class Encoder(nn.Module):
     """(B, image_channels, D, H, W) -> (B, embedding_dim, D/f, H/f, W/f); every stage but the last halves."""
 
     def __init__(self, image_channels: int, widths: list[int], embedding_dim: int, norm_groups: int, heads: int,
                  head_dim: int, layers: int):
         super().__init__()
+        self.gradient_checkpointing = False  # set by PatchVolume.enable_gradient_checkpointing()
         last = len(widths) - 1
         # conv_blocks registered before conv_first: the checkpoints' key order.
         self.conv_blocks = nn.ModuleList(
@@ -150,8 +159,8 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_first(x)  # (B, C0, D, H, W)
         for stage in self.conv_blocks:
-            h = stage(h)  # (B, C, D/2, H/2, W/2) but after the last stage
-        return self.final_block(self.mid_block(h))  # (B, embedding_dim, D/f, H/f, W/f)
+            h = _run(self, stage, h)  # (B, C, D/2, H/2, W/2) but after the last stage
+        return self.final_block(_run(self, self.mid_block, h))  # (B, embedding_dim, D/f, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -160,6 +169,7 @@ class Decoder(nn.Module):
     def __init__(self, image_channels: int, widths: list[int], embedding_dim: int, norm_groups: int, heads: int,
                  head_dim: int, layers: int):
         super().__init__()
+        self.gradient_checkpointing = False  # set by PatchVolume.enable_gradient_checkpointing()
         widths = widths[::-1]
         last = len(widths) - 1
         self.conv_first = nn.Conv3d(embedding_dim, widths[0], 3, padding=1)
@@ -171,9 +181,9 @@ class Decoder(nn.Module):
         self.final_block = _output_block(widths[-1], image_channels, norm_groups)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid_block(self.conv_first(z))  # (B, C_top, d, h, w)
+        h = _run(self, self.mid_block, self.conv_first(z))  # (B, C_top, d, h, w)
         for stage in self.conv_blocks:
-            h = stage(h)  # (B, C, 2d, 2h, 2w) but after the last stage
+            h = _run(self, stage, h)  # (B, C, 2d, 2h, 2w) but after the last stage
         return self.final_block(h)  # (B, image_channels, D, H, W); no clamp, as trained
 
 
@@ -256,6 +266,8 @@ class PatchVolume(ModelMixin, ConfigMixin):
         layers_per_block: residual blocks per stage (2 in the public models).
         commitment_beta, codebook_decay, restart_threshold: VQ training (see `Codebook`).
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, n_hiddens: int = 48, downsample: int = 8, embedding_dim: int = 8, n_codes: int = 8192,

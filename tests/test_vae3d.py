@@ -240,3 +240,33 @@ def test_3d_settings_that_cannot_work_are_refused_before_training(tmp_path, ct_d
     with pytest.raises(ConfigError, match=message):
         train_vae.main(vae3d_args(run, ct_demo_root, *overrides))
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind, shape", [("kl", (16, 16)), ("kl", (8, 16, 16)), ("vq", (8, 16, 16))])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind, shape):
+    """vae.gradient_checkpointing recomputes blocks in the backward pass: the same loss and gradients (to float
+    rounding, 1e-5), and a state dict that loads into the plain model."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = VAEConfig(kind=kind, block_out_channels=[8, 16], latent_channels=3, norm_num_groups=4,
+                        num_vq_embeddings=16, restart_threshold=0.0, gradient_checkpointing=checkpointing)
+        model = TrainableAutoencoder(build_autoencoder(cfg, 1, shape))
+        assert model.vae.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(1)  # the same posterior sample in both
+        x = torch.rand(2, 1, *shape) * 2 - 1
+        reconstruction, regulariser = model(x)
+        loss = (reconstruction - x).abs().mean() + regulariser.mean()
+        loss.backward()
+        results.append((model, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_loss, plain_grads), (checkpointed, loss, grads) = results
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    assert all(torch.allclose(grads[n], plain_grads[n], atol=1e-5) for n in plain_grads)
+    plain.load_state_dict(checkpointed.state_dict())  # no wrapper prefixes in the keys
+
+
+def test_gradient_checkpointing_of_a_2d_vq_model_is_refused(tmp_path, demo_root):
+    with pytest.raises(ConfigError, match="vae.gradient_checkpointing"):
+        train_vae.main(["--config", str(REPO / "configs/demo_vae.yaml"), f"run.output_dir={tmp_path / 'run'}",
+                        f"data.root={demo_root}", "vae.kind=vq", "vae.gradient_checkpointing=true"])
+    assert not (tmp_path / "run").exists()

@@ -221,6 +221,7 @@ class VAEConfig:
     disc_loss: str = "hinge"  # hinge | least_squares
     disc_channels: int = 32
     disc_layers: int = 3
+    gradient_checkpointing: bool = False  # recompute encoder/decoder blocks in the backward pass: less memory
 
 
 @dataclass
