@@ -26,22 +26,25 @@ def ct_demo_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def perceptual_net(tmp_path_factory):
-    """A tiny TorchScript feature network returning two layers, as a user would save a real one."""
+def save_feature_network(path, channels: int = 1, activation=torch.relu):
+    """A tiny 2D TorchScript feature network returning two layers, saved as a user would save a real one."""
     class Features(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.first = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.first = torch.nn.Conv2d(channels, 4, 3, padding=1)
             self.second = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
 
         def forward(self, x):
-            h = torch.relu(self.first(x))
-            return h, torch.relu(self.second(h))
+            h = activation(self.first(x))
+            return h, activation(self.second(h))
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("nets") / "features.pt"
     with warnings.catch_warnings():  # torch>=2.9 marks TorchScript deprecated; FeatureExtractor still loads it
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(Features()), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def perceptual_net(tmp_path_factory):
+    return save_feature_network(tmp_path_factory.mktemp("nets") / "features.pt")

@@ -2,7 +2,6 @@
 loss, KL over 3D latents, and AutoencoderLoss with a 3D discriminator."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 from models.discriminator import PatchDiscriminator
 from models.losses import AutoencoderLoss, PerceptualLoss, kl_divergence
+from tests.conftest import save_feature_network
 from utils.config import ConfigError, VAEConfig
 
 CHANNELS = 2  # two input channels, so that a slicing that mixes channels with a spatial axis shows
@@ -18,24 +18,9 @@ CHANNELS = 2  # two input channels, so that a slicing that mixes channels with a
 
 @pytest.fixture(scope="module")
 def feature_net(tmp_path_factory):
-    """A tiny 2D TorchScript feature network returning two layers. tanh, not relu: no exactly-zero gradients, so
-    the gradient test below can tell the slices that were compared from those that were not."""
-    class Features(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first = nn.Conv2d(CHANNELS, 4, 3, padding=1)
-            self.second = nn.Conv2d(4, 8, 3, stride=2, padding=1)
-
-        def forward(self, x):
-            h = torch.tanh(self.first(x))
-            return h, torch.tanh(self.second(h))
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("nets") / "features.pt"
-    with warnings.catch_warnings():  # torch>=2.9 marks TorchScript deprecated; FeatureExtractor still loads it
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(Features()), str(path))
-    return path
+    """tanh, not relu: no exactly-zero gradients, so the gradient test below can tell the slices that were
+    compared from those that were not."""
+    return save_feature_network(tmp_path_factory.mktemp("nets") / "features.pt", CHANNELS, torch.tanh)
 
 
 def volumes(seed=0, shape=(2, CHANNELS, 6, 8, 10)):

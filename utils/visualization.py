@@ -79,6 +79,17 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
+def _show_magnitude(figure, ax, array: np.ndarray, vmax: float, unit: str = "") -> None:
+    """Draw a non-negative map (an error, a spread) from 0 to `vmax` with its colour bar, without ticks."""
+    image = ax.imshow(array, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    bar = figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    bar.ax.tick_params(labelsize=7)
+    if unit:
+        bar.set_label(unit, fontsize=7)
+
+
 def _show(ax, array: np.ndarray, data_range: float) -> None:
     """Draw an image or a label mask without ticks, keeping square pixels."""
     array = _to_hw_or_hwc(array)
@@ -144,10 +155,7 @@ def comparison_grid(rows: list[dict[str, np.ndarray]], path: Path, data_range: f
                 if errors[r] is None:
                     ax.axis("off")
                     continue
-                image = ax.imshow(errors[r], cmap="magma", vmin=0, vmax=error_max, interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
+                _show_magnitude(figure, ax, errors[r], error_max)
             elif key in row:
                 _show(ax, row[key], data_range)
             else:
@@ -184,12 +192,7 @@ def uncertainty_grid(rows: list[dict[str, np.ndarray]], path: Path, unit: str,
             if key not in row:
                 ax.axis("off")
                 continue
-            image = ax.imshow(row[key], cmap="magma", vmin=0, vmax=vmax[key], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            bar = figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-            bar.ax.tick_params(labelsize=7)
-            bar.set_label(unit, fontsize=7)
+            _show_magnitude(figure, ax, row[key], vmax[key], unit)
         if titles is not None:
             axes[r, 0].set_ylabel(str(titles[r]), fontsize=9)
     return _save(figure, path)
