@@ -56,7 +56,7 @@ class DegradeConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "nifti"  # nifti | tiles | latent_cache
+    kind: str = "nifti"  # nifti | tiles | class_folders | latent_cache
     dims: int = 2  # nifti: 2 = items are slices; 3 = items are volumes (whole, or slabs of a single subject)
     root: str = "data/demo_mni152"
     demo: str = ""  # build this demo dataset at `root` when it does not exist ("" = never)
@@ -89,7 +89,10 @@ class DataConfig:
     tile_stride: int = 0  # 0 = tile_size (no overlap)
     min_tissue: float = 0.5  # keep tiles with at least this fraction of tissue (Otsu on saturation)
     tile_classes: int = 3  # classes in the masks (0 = background); the class-distribution vector length
-    class_balanced: bool = False  # sample training tiles balanced by their dominant class
+    class_balanced: bool = False  # sample training items balanced by their (dominant) class
+    # Class folders (data.kind: class_folders): <root>/train/<class>/*.png|jpg|tif|nii.gz, optional <root>/test/.
+    color: str = "rgb"  # rgb | grey: every image is converted to this on load
+    rotate_degrees: float = 0.0  # training only: random rotation by up to this many degrees
 
     def image_names(self) -> list[str]:
         """The images an item holds: data.images, then the simulated degraded image when there is one."""
@@ -115,6 +118,9 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
+    # generation: diffuse the targets (images, masks, latents); classification: diffuse a label map (DiffMIC-v2,
+    # data.kind: class_folders, the classifier section)
+    kind: str = "generation"
     targets: list[str] = field(default_factory=lambda: ["t1"])
     spatial_conditions: list[str] = field(default_factory=list)
     vector_condition: str = ""  # e.g. class_dist: embedded and added to the time embedding
@@ -122,6 +128,9 @@ class TaskConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # per target, default 1
     roi_mask: str = ""  # mask whose foreground up-weights the loss ("" = none)
     roi_weight: float = 1.0
+    # Feature-space loss on the predicted x0 against x0 (images only), weighted per sample; uses
+    # vae.perceptual_network, the local feature network of the autoencoder's perceptual loss. 0 = off
+    perceptual_weight: float = 0.0
 
 
 @dataclass
@@ -161,6 +170,7 @@ class TrainingConfig:
     stop_after: int = 0  # end this invocation after N steps with a checkpoint (time-limited jobs); 0 = never
     max_consecutive_nonfinite: int = 10
     log_every: int = 10
+    compile: bool = False  # torch.compile the network being trained (denoiser or autoencoder)
 
 
 @dataclass
@@ -198,6 +208,13 @@ class LatentConfig:
 
 
 @dataclass
+class ProgressivePhase:
+    image_size: int = 64  # 2D: the side of training images; 3D: the side of cubic training patches
+    steps: int = 1000
+    batch_size: int = 16  # per process
+
+
+@dataclass
 class VAEConfig:
     # kl | vq: diffusers AutoencoderKL / VQModel in 2D; in 3D (data.dims: 3) the PatchVolume architecture with a
     # Gaussian posterior (kl) or an EMA codebook with dead-code restarts (vq)
@@ -222,6 +239,27 @@ class VAEConfig:
     disc_channels: int = 32
     disc_layers: int = 3
     gradient_checkpointing: bool = False  # recompute encoder/decoder blocks in the backward pass: less memory
+    # Progressive resolution: phases trained one after another, each continuing from the previous weights, e.g.
+    # [{image_size: 64, steps: 2000, batch_size: 16}, {image_size: 128, steps: 1000, batch_size: 4}]; the steps add
+    # up to training.max_steps. [] = one phase at data.image_size (data.patch_size in 3D) and training.batch_size
+    progressive: list[ProgressivePhase] = field(default_factory=list)
+
+
+@dataclass
+class ClassifierConfig:
+    """Label-diffusion classification (DiffMIC-v2 style; data.kind: class_folders): an auxiliary classifier
+    (global and local heads) trained first and then frozen gives a prior map that a denoiser refines."""
+    backbone_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # ResNet-18: [64, 128, 256, 512]
+    backbone_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # ResNet-18: [2, 2, 2, 2]
+    pretrained: str = ""  # local folder of transformers ResNetModel weights for the backbones ("" = from scratch)
+    num_patches: int = 6  # the local head's most salient patches per image
+    patch_size: int = 16  # pixels of a local patch (at data.image_size)
+    prior_size: int = 6  # Np: the guided prior map and the label map are Np x Np
+    feature_dim: int = 128  # width of the denoiser's image features and label embedding
+    aux_steps: int = 500  # stage 1: optimizer steps training the auxiliary classifier, then it is frozen
+    aux_lr: float = 1e-3
+    focal_alpha: float = 10.0  # per-sample loss weight 1 + alpha * (1 - p)^gamma, p the prior's true-class prob
+    focal_gamma: float = 1.0
 
 
 @dataclass
@@ -252,6 +290,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
