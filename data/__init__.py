@@ -1,10 +1,12 @@
-"""Datasets: 2D slices of NIfTI volumes or pathology tiles, their seeded split, demo data and augmentation."""
+"""Datasets: 2D slices of NIfTI volumes, pathology tiles or class-folder images, their seeded split, demo data
+and augmentation."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from data.class_folders import ClassFolderDataset, load_class_folders, make_class_split, random_rotation
 from data.degrade import item_seed
-from data.demo import build_ihc_demo, build_mni152_ct_demo, build_mni152_demo
+from data.demo import build_ihc_classes_demo, build_ihc_demo, build_mni152_ct_demo, build_mni152_demo
 from data.nifti import SliceDataset, load_slice_dataset, random_flip, subject_of
 from data.split import items_of_split, make_split, read_split, write_split
 from data.tiles import TileDataset, balanced_weights, load_tile_dataset, make_tile_split
@@ -13,19 +15,21 @@ from utils.config import ConfigError, DataConfig
 from utils.logging import get_logger
 
 # data.kind -> what one item of the dataset is called in messages.
-KINDS = {"nifti": "slices", "tiles": "tiles"}
+KINDS = {"nifti": "slices", "tiles": "tiles", "class_folders": "images"}
 # data.demo -> (builder, the data.kind it builds).
 DEMOS = {"mni152": (build_mni152_demo, "nifti"), "mni152_ct": (build_mni152_ct_demo, "nifti"),
-         "ihc": (build_ihc_demo, "tiles")}
+         "ihc": (build_ihc_demo, "tiles"), "ihc_classes": (build_ihc_classes_demo, "class_folders")}
 
-__all__ = ["SliceDataset", "TileDataset", "VolumeDataset", "balanced_weights", "build_datasets", "build_ihc_demo",
-           "build_mni152_ct_demo", "build_mni152_demo", "augment", "load_slice_dataset", "load_tile_dataset", "random_flip"]
+__all__ = ["ClassFolderDataset", "SliceDataset", "TileDataset", "VolumeDataset", "balanced_weights", "build_datasets",
+           "build_ihc_classes_demo", "build_ihc_demo", "build_mni152_ct_demo", "build_mni152_demo", "augment",
+           "load_class_folders", "load_slice_dataset", "load_tile_dataset", "random_flip", "random_rotation"]
 
 
 def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
-                   is_main_process: bool = True) -> dict[str, SliceDataset | TileDataset]:
-    """Build {"train", "val"[, "test" when cfg.test_fraction > 0]} datasets of cfg.kind ("nifti" slices or
-    pathology "tiles") split as <run_dir>/split.json.
+                   is_main_process: bool = True) -> dict[str, SliceDataset | TileDataset | ClassFolderDataset]:
+    """Build {"train", "val"[, "test"]} datasets of cfg.kind ("nifti" slices, pathology "tiles" or
+    "class_folders" images) split as <run_dir>/split.json; "test" exists when cfg.test_fraction > 0, or for
+    class folders when <root>/test/ exists.
 
     The split file is reused when present (resume) and otherwise created from `seed`; only the main process
     writes it, the others compute the same split, so processes never race on the file.
@@ -51,15 +55,19 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
             build_demo(root)
     if cfg.kind == "tiles":
         dataset = load_tile_dataset(cfg)
+    elif cfg.kind == "class_folders":
+        dataset = load_class_folders(cfg)
     else:
         dataset = SubjectVolumes(cfg) if cfg.dims == 3 else load_slice_dataset(cfg)
-    unit = KINDS[cfg.kind] if cfg.kind == "tiles" or cfg.dims == 2 else "volumes"
+    unit = KINDS[cfg.kind] if cfg.kind != "nifti" or cfg.dims == 2 else "volumes"
 
     # Split.
     split_path = Path(run_dir) / "split.json"
     # What a split is made from; its seed is recorded too but not compared, so a hand-edited split.json wins.
     settings = {"data.val_fraction": cfg.val_fraction, "data.test_fraction": cfg.test_fraction,
                 "data.slab_gap": cfg.slab_gap}
+    if cfg.kind == "class_folders":  # its test set is a folder and it has no slabs
+        settings = {"data.val_fraction": cfg.val_fraction}
     if split_path.is_file():
         split = read_split(split_path, dataset.item_ids, settings)
         source = str(split_path)
@@ -67,11 +75,13 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
     else:
         if cfg.kind == "tiles":
             split = make_tile_split(dataset, cfg, seed)
+        elif cfg.kind == "class_folders":
+            split = make_class_split(dataset, cfg.val_fraction, seed)
         else:
             # Held-out slabs of a single subject's volume hold whole 3D items of data.volume_shape[0] slices.
             multiple = cfg.volume_shape[0] if cfg.dims == 3 else 1
             split = make_split(dataset.item_ids, cfg.val_fraction, cfg.test_fraction, cfg.slab_gap, seed, multiple)
-        source = "data.val_fraction / data.test_fraction"
+        source = "data.val_fraction" if cfg.kind == "class_folders" else "data.val_fraction / data.test_fraction"
         split["settings"] = settings
         if cfg.kind == "nifti" and cfg.degrade.kind:  # the seed each subject's degraded image was simulated with
             split["degradation_seeds"] = {subject: item_seed(cfg.degrade.seed, subject)
@@ -82,7 +92,8 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
     for name in ("train", "val"):
         if not items[name]:
             raise ConfigError(f"the {name} split is empty (no {unit}) according to {source}")
-    names = ("train", "val", "test") if cfg.test_fraction > 0 else ("train", "val")
+    has_test = cfg.test_fraction > 0 or (cfg.kind == "class_folders" and bool(items["test"]))
+    names = ("train", "val", "test") if has_test else ("train", "val")
     if isinstance(dataset, SubjectVolumes):
         datasets = {name: dataset.dataset(items[name], name) for name in names}
     else:
@@ -93,8 +104,12 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
 
 
 def augment(batch: dict, cfg: DataConfig) -> dict:
-    """Training-time changes to a collated batch on its device: random 3D patches, then left-right flips."""
+    """Training-time changes to a collated batch on its device: random 3D patches, then left-right flips, then
+    (class folders) random rotations."""
     if cfg.kind == "nifti" and cfg.dims == 3 and cfg.patch_size:
         batch = random_patches(batch, cfg.patch_size, cfg.patch_foreground, cfg.filter_mask or cfg.images[0],
                                0 if cfg.filter_mask else cfg.intensity_threshold)
-    return random_flip(batch, cfg.flip_prob)
+    batch = random_flip(batch, cfg.flip_prob)
+    if cfg.kind == "class_folders":
+        batch = random_rotation(batch, cfg.rotate_degrees)
+    return batch

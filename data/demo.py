@@ -1,6 +1,7 @@
 """Demo datasets built from files that installed packages ship (no network)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -22,6 +23,12 @@ STAIN_SMOOTHING_SIGMA = 1.5
 # Labelled pieces: the left 384 columns of the 512x512 image cut 2x2 into 256x192 images; the right 128
 # columns are the unlabelled extra image, disjoint from them so that no held-out tissue leaks into training.
 IHC_LABELLED_COLUMNS = 384
+# IHC class-folder demo (build_ihc_classes_demo): 32 px tiles named by how much of them each stain covers. The
+# thresholds give three classes of comparable size that overlap in colour near the thresholds (not trivial).
+IHC_CLASS_TILE = 32
+IHC_DAB_TILE_SHARE = 0.5  # at least half the tile's pixels DAB-dominant: "dab"
+IHC_HAEMATOXYLIN_TILE_SHARE = 0.2  # otherwise, at least a fifth haematoxylin-dominant: "haematoxylin"
+IHC_TEST_TILE_ROWS = 4  # the bottom rows of tiles (a quarter of the image) are test/, never train/
 MIN_TISSUE_PROBABILITY = 0.5  # below this, a voxel is background in the demo segmentation
 BACKGROUND_NOISE = 1e-6  # nilearn's resampled template holds denormal values (~1e-45) outside the head
 
@@ -203,3 +210,55 @@ def build_ihc_demo(root: Path) -> None:
             files[f"{name}_mask.png"] = Image.fromarray(np.ascontiguousarray(mask)).save
     _write_dataset(root, files, done_marker="ihc_extra.png")
     get_logger().info("built the immunohistochemistry tile demo in %s", root)
+
+
+def ihc_tile_class(pixel_classes: np.ndarray) -> str:
+    """The class folder of a tile from its `ihc_classes` pixels (see build_ihc_classes_demo)."""
+    if np.mean(pixel_classes == 2) >= IHC_DAB_TILE_SHARE:
+        return "dab"
+    if np.mean(pixel_classes == 1) >= IHC_HAEMATOXYLIN_TILE_SHARE:
+        return "haematoxylin"
+    return "little_stain"
+
+
+def build_ihc_classes_demo(root: Path) -> None:
+    """Write an image-classification demo (data.kind: class_folders) from scikit-image's 512x512
+    immunohistochemistry image: non-overlapping 32x32 RGB tiles as <root>/train|test/<class>/y<row>_x<col>.png,
+    and <root>/labels.json recording the rule and the counts.
+
+    Labelling rule: each pixel is background, haematoxylin-dominant or DAB-dominant (`ihc_classes`, colour
+    deconvolution). A tile is "dab" when at least IHC_DAB_TILE_SHARE (half) of its pixels are DAB-dominant (the
+    brown immunostained epithelium), else "haematoxylin" when at least IHC_HAEMATOXYLIN_TILE_SHARE (a fifth) are
+    haematoxylin-dominant (nuclei-rich stroma), else "little_stain" (glass, lumen, loose stroma). test/ holds the
+    tiles of the bottom IHC_TEST_TILE_ROWS rows of tiles (rows 384-511), so no test pixel appears in train/:
+    train/ has 96 dab, 62 haematoxylin, 34 little_stain tiles; test/ 23, 20 and 21.
+
+    Built in a temporary folder renamed to `root`, like build_mni152_demo.
+    """
+    root = Path(root)
+    rgb = immunohistochemistry()
+    pixel_classes = ihc_classes(rgb)
+    tile = IHC_CLASS_TILE
+    rows, columns = rgb.shape[0] // tile, rgb.shape[1] // tile
+    files = {}
+    counts: dict[str, dict[str, int]] = {"train": {}, "test": {}}
+    for row in range(rows):
+        split = "test" if row >= rows - IHC_TEST_TILE_ROWS else "train"
+        for column in range(columns):
+            window = (slice(row * tile, (row + 1) * tile), slice(column * tile, (column + 1) * tile))
+            label = ihc_tile_class(pixel_classes[window])
+            counts[split][label] = counts[split].get(label, 0) + 1
+            name = f"{split}/{label}/y{row * tile:03d}_x{column * tile:03d}.png"
+            files[name] = Image.fromarray(np.ascontiguousarray(rgb[window])).save
+    record = {
+        "source": "skimage.data.immunohistochemistry() (512x512 RGB, IHC: haematoxylin and DAB)",
+        "tile_size": tile,
+        "rule": (f"pixel classes by colour deconvolution (data.demo.ihc_classes); 'dab' when >= "
+                 f"{IHC_DAB_TILE_SHARE} of the tile's pixels are DAB-dominant, else 'haematoxylin' when >= "
+                 f"{IHC_HAEMATOXYLIN_TILE_SHARE} are haematoxylin-dominant, else 'little_stain'"),
+        "test_region": f"rows {(rows - IHC_TEST_TILE_ROWS) * tile}-{rows * tile - 1} (train/ is the rows above)",
+        "counts": {split: dict(sorted(found.items())) for split, found in counts.items()},
+    }
+    files["labels.json"] = lambda path: path.write_text(json.dumps(record, indent=1) + "\n")
+    _write_dataset(root, files, done_marker="labels.json")
+    get_logger().info("built the immunohistochemistry class-folder demo in %s", root)
