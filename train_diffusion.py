@@ -37,7 +37,7 @@ from utils.model_card import model_card
 from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
-                            seed_step, training_batches)
+                            compile_if_asked, seed_step, training_batches)
 from utils.visualization import comparison_grid, figure_array, volume_figure
 
 # Best-model folders: metric -> whether lower is better.
@@ -114,7 +114,8 @@ def forward_flops(model, task: Task, strategy, dataset, device) -> float:
     """FLOPs of the denoiser's forward pass on one training item at its training size (torch's flop counter;
     the backward pass costs about twice as much again)."""
     batch = to_device(default_collate([dataset[0]]), device)
-    with FlopCounterMode(display=False) as counter:
+    # Eagerly under training.compile: a first call traced under the counter would leave the model uncompiled.
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch))
     return float(counter.get_total_flops())
 
@@ -130,7 +131,7 @@ def find_lr(cfg, args) -> None:
     task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
     strategy = build_strategy(cfg.diffusion)
     set_seed(cfg.run.seed)
-    model = build_denoiser(cfg.model, task)
+    model = compile_if_asked(build_denoiser(cfg.model, task), cfg.training)
     model, optimizer = accelerator.prepare(model, build_optimizer(model.parameters(), cfg.training))
     batches = training_batches(bundle.datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, 0)
 
@@ -154,7 +155,7 @@ def main(argv=None):
     task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
     strategy = build_strategy(cfg.diffusion)
     set_seed(cfg.run.seed)  # the initial weights
-    model = build_denoiser(cfg.model, task)
+    model = compile_if_asked(build_denoiser(cfg.model, task), cfg.training)
     optimizer = build_optimizer(model.parameters(), cfg.training)
     # The LR scheduler is stepped by hand once per optimizer step; Accelerate's wrapper would step it once
     # per process and tie the schedule to the number of GPUs.

@@ -39,7 +39,7 @@ from utils.model_card import model_card
 from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_run, stopped_before_the_end
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
-                            seed_step, training_batches)
+                            compile_if_asked, seed_step, training_batches)
 from utils.visualization import comparison_grid, figure_array
 
 BEST_METRIC = "val/psnr"  # higher is better; checkpoints/best-val_psnr/ holds those weights
@@ -116,7 +116,8 @@ def find_lr(cfg, args) -> None:
     loss_fn = AutoencoderLoss(cfg.vae, accelerator.device)
     set_seed(cfg.run.seed)
     channels = sum(int(datasets["train"][0][n].shape[0]) for n in cfg.vae.inputs)
-    model = TrainableAutoencoder(build_autoencoder(cfg.vae, channels, cfg.data.training_shape()))
+    model = compile_if_asked(TrainableAutoencoder(build_autoencoder(cfg.vae, channels, cfg.data.training_shape())),
+                             cfg.training)
     model, optimizer = accelerator.prepare(model, build_optimizer(model.parameters(), cfg.training))
     batches = training_batches(datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, 0)
 
@@ -146,7 +147,7 @@ def main(argv=None):
     loss_fn = AutoencoderLoss(cfg.vae, accelerator.device)
     set_seed(cfg.run.seed)  # the initial weights
     vae = build_autoencoder(cfg.vae, sum(channels.values()), cfg.data.training_shape())
-    model = TrainableAutoencoder(vae)
+    model = compile_if_asked(TrainableAutoencoder(vae), cfg.training)
     optimizer = build_optimizer(model.parameters(), cfg.training)
     # LR schedulers are stepped by hand once per optimizer step (see train_diffusion.py).
     lr_scheduler = build_lr_scheduler(optimizer, cfg.training)

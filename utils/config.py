@@ -171,6 +171,7 @@ class TrainingConfig:
     max_consecutive_nonfinite: int = 10
     log_every: int = 10
     compile: bool = False  # torch.compile the network being trained (denoiser or autoencoder)
+    compile_backend: str = "inductor"  # torch.compile backend: inductor (generated kernels) | aot_eager | ...
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate.utils import PrecisionType
 
 import diffusion
-from data import DEMOS, KINDS, nifti, tiles
+from data import DEMOS, KINDS, class_folders, nifti, tiles
 from data.degrade import check_degrade_config
 from models.autoencoder import check_autoencoder_config
 from models.losses import AdversarialLoss, ReconstructionLoss
@@ -66,12 +66,15 @@ def check_config(cfg: Config, denoiser: bool = True) -> None:
     # Names.
     _choice(cfg, "run.log_level", logging.getLevelNamesMapping())
     _choice(cfg, "data.kind", (*KINDS, LATENT_CACHE))
-    _choice(cfg, "latent.source_kind", tuple(KINDS))
+    _choice(cfg, "latent.source_kind", ("nifti", "tiles"))  # what encode_latents.py reads
     _choice(cfg, "training.lr_schedule", LR_SCHEDULES)
     _choice(cfg, "training.mixed_precision", PrecisionType.list())
     _choice(cfg, "logging.wandb_mode", WANDB_MODES)
     _choice(cfg, "eval.split", ("val", "test"))
     _choice(cfg, "latent.scaling", ("std", "codebook_minmax"))
+    if cfg.training.compile:
+        import torch._dynamo  # imported only when asked for: it takes a second
+        _choice(cfg, "training.compile_backend", torch._dynamo.list_backends(exclude_tags=()))
     for tracker in cfg.logging.trackers:
         check_choice("logging.trackers", tracker, KNOWN_TRACKERS)
     ReconstructionLoss(cfg.vae.reconstruction_loss)  # their constructors check the loss names
@@ -124,7 +127,7 @@ def check_config(cfg: Config, denoiser: bool = True) -> None:
         if DEMOS[cfg.data.demo][1] != source_kind:
             raise ConfigError(f"data.demo={cfg.data.demo} builds a {DEMOS[cfg.data.demo][1]} dataset, not "
                               f"{source_kind}; set data.kind={DEMOS[cfg.data.demo][1]} or data.demo=''")
-    (tiles if source_kind == "tiles" else nifti)._check_config(cfg.data)  # the reader's own pre-read checks
+    {"tiles": tiles, "class_folders": class_folders}.get(source_kind, nifti)._check_config(cfg.data)  # reader checks
     check_degrade_config(cfg.data.degrade)
     if volumes and denoiser:  # the shapes the UNet3D sees: held-out volumes and training patches
         for key in ("data.volume_shape", "data.patch_size"):

@@ -16,6 +16,14 @@ def build_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
 
 
+def compile_if_asked(model: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.Module:
+    """With training.compile, torch.compile the model in place (nn.Module.compile): it stays the same module, so
+    state_dict keys, checkpoints, EMA and exports are those of the plain model (no `_orig_mod.` prefix)."""
+    if cfg.compile:
+        model.compile(backend=cfg.compile_backend)
+    return model
+
+
 def lr_factor(step: int, cfg: TrainingConfig) -> float:
     """Multiplier of training.lr at `step`: linear warm-up, then the chosen decay to zero at max_steps."""
     if cfg.lr_schedule == "one_cycle":
