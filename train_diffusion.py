@@ -11,6 +11,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +25,7 @@ from data.sources import load_data, pixel_references
 from data.volumes import display_spacing
 from diffusion import build_strategy
 from diffusion.task import Task
+from models.losses import PerceptualLoss
 from models.unet2d import build_denoiser
 from utils import config as config_lib
 from utils.checkpoint import load_checkpoint
@@ -98,15 +100,29 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
 QUARTILES = 4  # train/loss_t_q1..4: the loss of the samples whose diffusion time fell in each quarter of [0, 1]
 
 
-def batch_loss(model, task: Task, strategy, batch: dict, cond_drop_prob: float) -> tuple[torch.Tensor, dict, dict]:
+def batch_loss(model, task: Task, strategy, batch: dict, cond_drop_prob: float,
+               perceptual: Optional[PerceptualLoss] = None) -> tuple[torch.Tensor, dict, dict]:
     """The mean training loss of a batch (conditions dropped with `cond_drop_prob`), its diagnostics, and per time
-    quartile the (sum, count) of its samples' losses."""
-    elementwise, t = strategy.loss_terms(model, task.targets_of(batch), task.condition_of(batch, cond_drop_prob))
+    quartile the (sum, count) of its samples' losses. With `perceptual`, each sample's loss adds
+    task.perceptual_weight times the feature distance of its predicted x0 (logged as train/loss_perceptual)."""
+    x0, cond = task.targets_of(batch), task.condition_of(batch, cond_drop_prob)
+    elementwise, t, *x0_hat = strategy.loss_terms(model, x0, cond, with_x0=perceptual is not None)
     per_sample, diagnostics = task.reduce(elementwise, batch)
+    if perceptual is not None:
+        distance = task.perceptual_distance(perceptual, x0, x0_hat[0])
+        per_sample = per_sample + task.cfg.perceptual_weight * distance
+        diagnostics["loss_perceptual"] = distance.mean()
     quartile = (t.detach() * QUARTILES).long().clamp(max=QUARTILES - 1)
     by_time = {f"loss_t_q{q + 1}": ((per_sample.detach().float() * (quartile == q)).sum(), (quartile == q).sum())
                for q in range(QUARTILES)}
     return per_sample.mean(), diagnostics, by_time
+
+
+def perceptual_term(cfg, device) -> Optional[PerceptualLoss]:
+    """The feature network of task.perceptual_weight (vae.perceptual_network, 2.5D for volumes), or None."""
+    if cfg.task.perceptual_weight == 0:
+        return None
+    return PerceptualLoss(cfg.vae.perceptual_network, device, cfg.vae.perceptual_slices)
 
 
 @torch.no_grad()
@@ -134,10 +150,11 @@ def find_lr(cfg, args) -> None:
     model = compile_if_asked(build_denoiser(cfg.model, task), cfg.training)
     model, optimizer = accelerator.prepare(model, build_optimizer(model.parameters(), cfg.training))
     batches = training_batches(bundle.datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, 0)
+    perceptual = perceptual_term(cfg, accelerator.device)
 
     def next_loss() -> torch.Tensor:
         batch = augment(to_device(next(batches), accelerator.device), cfg.data)
-        return batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob)[0]
+        return batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob, perceptual)[0]
 
     run_lr_finder(cfg, args, accelerator, model, optimizer, next_loss, logger)
 
@@ -154,6 +171,7 @@ def main(argv=None):
     datasets = bundle.datasets
     task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
     strategy = build_strategy(cfg.diffusion)
+    perceptual = perceptual_term(cfg, accelerator.device)
     set_seed(cfg.run.seed)  # the initial weights
     model = compile_if_asked(build_denoiser(cfg.model, task), cfg.training)
     optimizer = build_optimizer(model.parameters(), cfg.training)
@@ -203,7 +221,8 @@ def main(argv=None):
                 batch = augment(to_device(batch, accelerator.device), cfg.data)
                 timing["data"] += time.perf_counter() - data_start
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                    loss, diagnostics, by_time = batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob)
+                    loss, diagnostics, by_time = batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob,
+                                                            perceptual)
                 accelerator.backward(loss / accum)
                 for name, value in {"loss": loss, **diagnostics}.items():
                     step_values[name] = step_values.get(name, 0.0) + value.detach().float() / accum

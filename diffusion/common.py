@@ -38,8 +38,9 @@ class Strategy:
     num_train_timesteps: int
 
     def loss_terms(self, net: Net, x0: Tensor, cond: Any, noise: Optional[Tensor] = None,
-                   t: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """Weighted elementwise loss (B, C, *spatial) in float32 and normalised times (B,), 0 = clean.
+                   t: Optional[Tensor] = None, with_x0: bool = False) -> tuple[Tensor, ...]:
+        """Weighted elementwise loss (B, C, *spatial) in float32 and normalised times (B,), 0 = clean; with
+        `with_x0` also the clean sample the prediction implies (B, C, *spatial), differentiable.
 
         Training draws `noise` and `t` from the global RNG; a held-out loss passes them fixed per item.
         """

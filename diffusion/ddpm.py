@@ -60,11 +60,12 @@ class DDPM(Strategy):
         return self._device_tables[device]
 
     def loss_terms(self, net: Net, x0: Tensor, cond: Any, noise: Optional[Tensor] = None,
-                   t: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   t: Optional[Tensor] = None, with_x0: bool = False) -> tuple[Tensor, ...]:
         """Weighted squared error of the objective (B, C, *spatial) and normalised times t / (T - 1) (B,).
 
         Args:
             noise, t: fixed noise and times in [0, 1) (held-out loss); drawn from the global RNG when None.
+            with_x0: also return the clean sample the prediction implies (B, C, *spatial), differentiable.
         """
         x0 = x0.float()
         tables = self._on(x0.device)
@@ -77,8 +78,14 @@ class DDPM(Strategy):
         x_t = alpha * x0 + sigma * noise
         target = {"eps": noise, "x0": x0, "v": alpha * noise - sigma * x0}[self.objective]
         # A bf16/fp16 prediction is promoted to float32 by the float32 target.
-        terms = (net(x_t, t.float(), cond) - target).square() * append_dims(tables["weight"][t], x0.ndim)
-        return terms, t.float() / (self.num_train_timesteps - 1)
+        prediction = net(x_t, t.float(), cond)
+        terms = (prediction - target).square() * append_dims(tables["weight"][t], x0.ndim)
+        times = t.float() / (self.num_train_timesteps - 1)
+        if not with_x0:
+            return terms, times
+        x0_hat = {"eps": (x_t - sigma * prediction) / alpha, "x0": prediction,
+                  "v": alpha * x_t - sigma * prediction}[self.objective]
+        return terms, times, x0_hat.float()
 
     def sampling_scheduler(self) -> DDIMScheduler | DPMSolverMultistepScheduler:
         """The deterministic sampler over the training betas; trailing spacing starts at the last training step."""

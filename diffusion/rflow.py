@@ -41,11 +41,12 @@ class RectifiedFlow(Strategy):
         return torch.rand(batch_size, device=device)
 
     def loss_terms(self, net: Net, x0: Tensor, cond: Any, noise: Optional[Tensor] = None,
-                   t: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   t: Optional[Tensor] = None, with_x0: bool = False) -> tuple[Tensor, ...]:
         """Squared velocity error (B, C, *spatial) and the times t (B,), 0 = clean.
 
         Args:
             noise, t: fixed noise and times in [0, 1) (held-out loss); drawn from the global RNG when None.
+            with_x0: also return the clean sample the prediction implies, x_t - t v (B, C, *spatial).
         """
         x0 = x0.float()
         t = self.sample_times(x0.shape[0], x0.device) if t is None else t.float()
@@ -53,7 +54,9 @@ class RectifiedFlow(Strategy):
         t_b = append_dims(t, x0.ndim)
         x_t = (1 - t_b) * x0 + t_b * noise
         # A bf16/fp16 prediction is promoted to float32 by the float32 target.
-        return (net(x_t, t * self.num_train_timesteps, cond) - (noise - x0)).square(), t
+        velocity = net(x_t, t * self.num_train_timesteps, cond)
+        terms = (velocity - (noise - x0)).square()
+        return (terms, t, (x_t - t_b * velocity).float()) if with_x0 else (terms, t)
 
     @torch.no_grad()
     def sample(self, net: Net, noise: Tensor, cond: Any, steps: int, guidance_scale: float = 1.0,

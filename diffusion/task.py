@@ -66,6 +66,8 @@ class Task:
         if cfg.vector_condition and cfg.vector_condition not in vectors:
             raise ConfigError(f"task.vector_condition='{cfg.vector_condition}'; the dataset provides vectors "
                               f"{vectors}")
+        if cfg.perceptual_weight > 0 and not any(fields[n].kind == "image" for n in cfg.targets):
+            raise ConfigError(f"task.perceptual_weight compares images, and task.targets {cfg.targets} holds none")
         if not 0 <= cfg.cond_drop_prob < 1:
             raise ConfigError(f"task.cond_drop_prob={cfg.cond_drop_prob} must be in [0, 1)")
 
@@ -165,6 +167,18 @@ class Task:
             out[f.name] = chunk.argmax(dim=1, keepdim=True) if f.is_mask else chunk
             start += f.channels
         return out
+
+    def perceptual_distance(self, perceptual, x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+        """Per-sample (B,) feature distance between the predicted clean sample and x0, summed over the image
+        targets (masks are not images). The prediction is clamped to the data range [-1, 1] the feature network
+        expects: at high noise an eps-prediction implies x0 values far outside it."""
+        total, start = x0.new_zeros(x0.shape[0]), 0
+        for f in self.targets:
+            if f.kind == "image":
+                channels = slice(start, start + f.channels)
+                total = total + perceptual(x0[:, channels], x0_hat[:, channels].clamp(-1, 1))
+            start += f.channels
+        return total
 
     def reduce(self, elementwise: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample loss (B,) from the strategy's elementwise loss, and batch-level diagnostics.

@@ -36,11 +36,11 @@ AT_LEAST_ONE = (
     "vae.disc_layers", "vae.perceptual_slices", "eval.sampling_steps", "eval.samples_per_item", "eval.batch_size")
 # Where 0 means none, off or automatic.
 AT_LEAST_ZERO = (
-    "run.seed", "run.num_threads", "data.num_workers", "data.slab_gap", "task.roi_weight", "diffusion.guidance_scale",
-    "training.weight_decay", "training.lr_warmup_steps", "training.max_grad_norm", "training.keep_last",
-    "training.stop_after", "validation.num_items", "latent.tile_size", "latent.tile_overlap", "vae.kl_weight",
-    "vae.codebook_weight", "vae.perceptual_weight", "vae.restart_threshold", "vae.disc_start", "vae.disc_weight",
-    "eval.num_items", "eval.data_range", "eval.feature_channels", "eval.num_figures")
+    "run.seed", "run.num_threads", "data.num_workers", "data.slab_gap", "task.roi_weight", "task.perceptual_weight",
+    "diffusion.guidance_scale", "training.weight_decay", "training.lr_warmup_steps", "training.max_grad_norm",
+    "training.keep_last", "training.stop_after", "validation.num_items", "latent.tile_size", "latent.tile_overlap",
+    "vae.kl_weight", "vae.codebook_weight", "vae.perceptual_weight", "vae.restart_threshold", "vae.disc_start",
+    "vae.disc_weight", "eval.num_items", "eval.data_range", "eval.feature_channels", "eval.num_figures")
 # Probabilities and fractions.
 IN_ZERO_ONE = (
     "data.min_foreground", "data.flip_prob", "data.val_fraction", "data.test_fraction", "task.cond_drop_prob",
@@ -145,7 +145,13 @@ def check_config(cfg: Config, denoiser: bool = True) -> None:
         raise ConfigError(f"diffusion.guidance_scale={cfg.diffusion.guidance_scale} needs a null condition, which "
                           "task.cond_drop_prob=0 never trains; set task.cond_drop_prob (e.g. 0.1) or "
                           "diffusion.guidance_scale=1")
+    if cfg.task.perceptual_weight > 0 and not cfg.vae.perceptual_network:
+        raise ConfigError("task.perceptual_weight > 0 needs vae.perceptual_network, the local TorchScript feature "
+                          "network it compares images with")
     if cfg.data.kind == LATENT_CACHE:
+        if cfg.task.perceptual_weight > 0:
+            raise ConfigError("task.perceptual_weight compares images, and a latent_cache run predicts latents; "
+                              "use task.perceptual_weight=0")
         if cfg.data.flip_prob > 0:
             raise ConfigError("data.flip_prob > 0 with data.kind=latent_cache flips latents, which is not the "
                               "latent of a flipped image; use data.flip_prob=0")
