@@ -10,14 +10,17 @@ what latent.autoencoder names for encode_latents.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -63,14 +66,78 @@ def check_config(cfg) -> None:
     if cfg.vae.gradient_checkpointing and cfg.vae.kind == "vq" and cfg.data.dims == 2:
         raise ConfigError("vae.gradient_checkpointing: diffusers' VQModel does not support it (2D vae.kind=vq); "
                           "use vae.kind=kl or turn it off")
+    check_progressive_config(cfg)
     smallest = PatchDiscriminator.min_input_size(cfg.vae.disc_layers)
-    if cfg.vae.disc_weight > 0 and min(cfg.data.training_shape()) < smallest:
+    sides = [min(cfg.data.training_shape())] + [phase.image_size for phase in cfg.vae.progressive]
+    if cfg.vae.disc_weight > 0 and min(sides) < smallest:
         raise ConfigError(f"vae.disc_layers={cfg.vae.disc_layers} needs training samples of at least {smallest} per "
-                          f"side, got {cfg.data.training_shape()} (data.patch_size / volume_shape / image_size); "
+                          f"side, got {min(sides)} (data.patch_size / volume_shape / image_size / vae.progressive); "
                           "use fewer discriminator layers")
     if cfg.vae.disc_weight > 0 and cfg.training.mixed_precision == "fp16":
         # One loss scaler shared by two optimizers would unscale the discriminator's gradients twice.
         raise ConfigError("training.mixed_precision=fp16 is not supported with vae.disc_weight > 0; use bf16")
+
+
+def check_progressive_config(cfg) -> None:
+    """vae.progressive phases that cannot work, refused naming the phase's key."""
+    if not cfg.vae.progressive:
+        return
+    if cfg.data.dims != 2:
+        raise ConfigError("vae.progressive trains 2D images at growing sizes; 3D autoencoders train on "
+                          "data.patch_size patches: use vae.progressive=[]")
+    total = sum(phase.steps for phase in cfg.vae.progressive)
+    if total != cfg.training.max_steps:
+        raise ConfigError(f"the vae.progressive phases add up to {total} steps but training.max_steps="
+                          f"{cfg.training.max_steps}; make them equal")
+    for index, phase in enumerate(cfg.vae.progressive):
+        key = f"vae.progressive[{index}]"
+        for name in ("image_size", "steps", "batch_size"):
+            if getattr(phase, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(phase, name)} must be >= 1")
+        if phase.image_size > cfg.data.image_size:
+            raise ConfigError(f"{key}.image_size={phase.image_size} exceeds data.image_size={cfg.data.image_size}: "
+                              "phases train on the data resized down")
+        check_autoencoder_config(cfg.vae, [phase.image_size] * 2, f"{key}.image_size")
+    if cfg.vae.progressive[-1].image_size != cfg.data.image_size:
+        raise ConfigError(f"the last vae.progressive phase trains at {cfg.vae.progressive[-1].image_size} px; it must "
+                          f"train at data.image_size={cfg.data.image_size}, where validation runs")
+
+
+@dataclass
+class Phase:
+    """Training steps [start, end) at one image size and batch size (vae.progressive)."""
+    number: int  # from 1
+    start: int
+    end: int
+    image_size: int  # 0: as the data comes
+    batch_size: int
+
+
+def training_phases(cfg) -> list[Phase]:
+    """vae.progressive as consecutive step ranges; without it, one phase over the whole run."""
+    if not cfg.vae.progressive:
+        return [Phase(1, 0, cfg.training.max_steps, 0, cfg.training.batch_size)]
+    phases, start = [], 0
+    for number, phase in enumerate(cfg.vae.progressive, 1):
+        phases.append(Phase(number, start, start + phase.steps, phase.image_size, phase.batch_size))
+        start += phase.steps
+    return phases
+
+
+def phase_batches(phases: list[Phase], step: int, datasets, cfg, accelerator) -> tuple[Phase, object]:
+    """The phase that holds `step`, and its batches from `step` on: micro-batch k of a phase is a pure function of
+    (run.seed + phase, k), so a run resumed inside or between phases continues the same sequence."""
+    phase = next(p for p in phases if p.start <= step < p.end)
+    training = dataclasses.replace(cfg.training, batch_size=phase.batch_size)
+    return phase, training_batches(datasets["train"], training, cfg.data, accelerator, cfg.run.seed + phase.number - 1,
+                                   step - phase.start)
+
+
+def resized(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Images (B, C, H, W) resized to side x side (antialiased, so a smaller phase sees the image, not aliasing)."""
+    if not side or x.shape[-2:] == (side, side):
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
 def validate(step, cfg, model, ema, loss_fn, datasets, accelerator, metrics_log, state, description, logger):
@@ -175,9 +242,8 @@ def main(argv=None):
     metrics_log = MetricsLog(accelerator, run_dir, cfg.logging, config_lib.OmegaConf.to_container(
         config_lib.OmegaConf.structured(cfg)), state["step"] if resume_from else None)
 
-    # Batches: micro-batch k is a pure function of k, so a resumed run continues the same sequence.
     accum, step = cfg.training.grad_accum_steps, state["step"]
-    batches = training_batches(datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, step)
+    phases, phase = training_phases(cfg), None
     # d_loss and g_loss only count the steps after vae.disc_start.
     running = RunningMeans(accelerator.device, state["running"])
     last_layer = accelerator.unwrap_model(model).last_layer
@@ -192,6 +258,11 @@ def main(argv=None):
     # From here on SIGTERM, SIGUSR1 and Ctrl-C end the run after the current step, with a checkpoint.
     with StopSignals(logger) as stop:
         while step < cfg.training.max_steps and not stop_reason:
+            if phase is None or step == phase.end:
+                phase, batches = phase_batches(phases, step, datasets, cfg, accelerator)
+                if len(phases) > 1:
+                    logger.info("phase %d of %d: %d px, batch %d, steps %d-%d", phase.number, len(phases),
+                                phase.image_size, phase.batch_size, phase.start + 1, phase.end)
             seed_step(cfg.run.seed, step, accelerator.process_index)
             gan = adversarial and step >= cfg.vae.disc_start
             # Accumulate gradients of both networks; only the last micro-batch synchronises them across processes.
@@ -200,7 +271,7 @@ def main(argv=None):
                 batch = next(batches)
                 logger.debug("step %d micro-batch %d items %s", step, micro, ",".join(batch["item_id"]))
                 batch = augment(to_device(batch, accelerator.device), cfg.data)
-                x = torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1)  # (B, C, *spatial)
+                x = resized(torch.cat([batch[n].float() for n in cfg.vae.inputs], dim=1), phase.image_size)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                     loss, reconstruction, values = loss_fn(model, x, bare_disc if gan else None, last_layer)
                 accelerator.backward(loss.mean() / accum)
@@ -239,10 +310,14 @@ def main(argv=None):
                 values = {f"train/{k}": v for k, v in running.pop_means().items()}
                 values.update({"train/lr": lr_scheduler.get_last_lr()[0],
                                "train/nonfinite_steps": state["nonfinite_steps"]})
+                if len(phases) > 1:
+                    values.update({"train/phase": phase.number, "train/image_size": phase.image_size})
                 metrics_log.log(values, step)
                 progress.set_values({k: values[k] for k in ("train/rec_loss", "train/lr") if k in values})
 
-            if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
+            # Validation runs at data.image_size, so its curves compare across phases; every phase ends with one.
+            if step % cfg.validation.every == 0 or step == cfg.training.max_steps or \
+                    (len(phases) > 1 and step == phase.end):
                 validate(step, *validation)
 
             stop_reason = checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer,

@@ -52,7 +52,7 @@ def check_autoencoder_config(cfg: VAEConfig, sample_shape: Sequence[int] = (), k
         raise ConfigError(f"vae.num_vq_embeddings must be at least 2, got {cfg.num_vq_embeddings}")
     factor = 2 ** (levels - 1)
     if any(side % factor for side in sample_shape):
-        value = sample_shape[0] if key == "data.image_size" else list(sample_shape)
+        value = sample_shape[0] if key.endswith("image_size") else list(sample_shape)
         raise ConfigError(f"{key}={value} must be divisible by {factor}, the downsampling of {levels} "
                           "vae.block_out_channels levels")
 

@@ -210,7 +210,7 @@ class LatentConfig:
 
 @dataclass
 class ProgressivePhase:
-    image_size: int = 64  # 2D: the side of training images; 3D: the side of cubic training patches
+    image_size: int = 64  # the side of the phase's training images (the data resized, antialiased)
     steps: int = 1000
     batch_size: int = 16  # per process
 
@@ -240,9 +240,10 @@ class VAEConfig:
     disc_channels: int = 32
     disc_layers: int = 3
     gradient_checkpointing: bool = False  # recompute encoder/decoder blocks in the backward pass: less memory
-    # Progressive resolution: phases trained one after another, each continuing from the previous weights, e.g.
-    # [{image_size: 64, steps: 2000, batch_size: 16}, {image_size: 128, steps: 1000, batch_size: 4}]; the steps add
-    # up to training.max_steps. [] = one phase at data.image_size (data.patch_size in 3D) and training.batch_size
+    # 2D progressive resolution: phases trained one after another, each continuing from the previous weights on the
+    # same images resized, e.g. [{image_size: 64, steps: 2000, batch_size: 16}, {image_size: 128, steps: 1000,
+    # batch_size: 4}]; the steps add up to training.max_steps and the last phase is at data.image_size, where
+    # validation always runs. [] = one phase at data.image_size and training.batch_size
     progressive: list[ProgressivePhase] = field(default_factory=list)
 
 
