@@ -19,6 +19,11 @@ KINDS = {"nifti": "slices", "tiles": "tiles", "class_folders": "images"}
 # data.demo -> (builder, the data.kind it builds).
 DEMOS = {"mni152": (build_mni152_demo, "nifti"), "mni152_ct": (build_mni152_ct_demo, "nifti"),
          "ihc": (build_ihc_demo, "tiles"), "ihc_classes": (build_ihc_classes_demo, "class_folders")}
+# data.demo -> the demo's own folder (the data.root its preset ships with). A demo is built only into a missing folder
+# of that name, here or elsewhere (e.g. on a scratch disk), so that a mistyped data.root is refused, not silently
+# replaced by the demo.
+DEMO_ROOTS = {"mni152": "data/demo_mni152", "mni152_ct": "data/demo_mni152_ct", "ihc": "data/demo_ihc",
+              "ihc_classes": "data/demo_ihc_classes"}
 
 __all__ = ["ClassFolderDataset", "SliceDataset", "TileDataset", "VolumeDataset", "balanced_weights", "build_datasets",
            "build_ihc_classes_demo", "build_ihc_demo", "build_mni152_ct_demo", "build_mni152_demo", "augment",
@@ -52,6 +57,7 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
             raise ConfigError(f"data.demo '{cfg.demo}' is a {demo_kind} dataset: set data.kind={demo_kind} "
                               f"(now '{cfg.kind}')")
         if not root.exists():
+            check_demo_root(cfg.demo, root)
             build_demo(root)
     if cfg.kind == "tiles":
         dataset = load_tile_dataset(cfg)
@@ -101,6 +107,15 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
     logger.info("split (%s): %s", split["unit"],
                 ", ".join(f"{len(datasets[n])} {n}" for n in names) + f" {unit}")
     return datasets
+
+
+def check_demo_root(demo: str, root: Path) -> None:
+    """Refuse to build demo `demo` at a missing `root` that is not a folder of the demo's own name."""
+    own = Path(DEMO_ROOTS[demo])
+    if root.name != own.name:
+        raise ConfigError(f"data.root={root} does not exist; data.demo={demo} builds the demo only into its own "
+                          f"folder {own} (or another folder named {own.name}): for your data fix data.root and set "
+                          f"data.demo='', for the demo leave data.root={own}")
 
 
 def augment(batch: dict, cfg: DataConfig) -> dict:

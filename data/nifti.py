@@ -1,5 +1,8 @@
 """2D slices of NIfTI volumes: discovery, decoding, reorientation, resampling, normalisation, slicing.
 
+A dataset is a folder per subject (<root>/<subject>/<modality>.nii.gz) or an MSD-style <root>/dataset.json, whose
+images may stack several modalities along a 4th axis; data.images name them by its "modality" map or by index.
+
 Every volume is decoded and preprocessed once, when the dataset is built; a `SliceDataset` then only indexes
 in-memory tensors, so no `.nii.gz` is decompressed during training.
 """
@@ -7,7 +10,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -33,10 +36,12 @@ READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, ImageFileError, Header
 
 @dataclass
 class Subject:
-    """One subject: an id and the file of each modality (images and masks)."""
+    """One subject: an id, the file of each modality (images and masks) and, for modalities stacked along the
+    4th axis of one file (MSD), their position on that axis."""
 
     subject_id: str
     files: dict[str, Path]
+    channels: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,10 +50,12 @@ class Subject:
 
 def _display(path: Path, root: Path) -> str:
     """A path as the user wrote the layout: relative to the data root when it lies inside it."""
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
+    for base in (root, root.resolve()):  # MSD paths are resolved, a data.root may be relative
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            pass
+    return str(path)
 
 
 def _strip_nifti_suffix(name: str) -> str:
@@ -80,29 +87,164 @@ def _discover_folders(root: Path, modalities: list[str]) -> list[Subject]:
     return subjects
 
 
-def _discover_msd(root: Path, cfg: DataConfig) -> list[Subject]:
-    """MSD-style dataset.json: cfg.images[0] is its "image", cfg.masks[0] (if any) its "label"."""
-    index_path = root / "dataset.json"
-    if len(cfg.images) != 1 or len(cfg.masks) > 1:
-        raise ConfigError(f"{index_path} provides one image and one label per subject, but data.images="
-                          f"{cfg.images} and data.masks={cfg.masks}")
+# ---------------------------------------------------------------------------------------------------------
+# MSD-style dataset.json (Medical Segmentation Decathlon)
+
+
+@dataclass
+class MsdIndex:
+    """What a dataset.json says: modality names by their index on the images' 4th axis (empty without a
+    "modality" map), label names by label value, the training cases ({"image": ..., "label": ...}) and the
+    test cases' image paths."""
+
+    path: Path
+    modalities: list[str]
+    labels: dict[int, str]
+    training: list[dict]
+    test: list[str]
+
+
+def _index_map(value, key: str, path: Path) -> dict[int, str]:
+    """A dataset.json map like {"0": "FLAIR", "1": "T1w"} as {0: "FLAIR", 1: "T1w"}."""
+    if not isinstance(value, dict) or not all(str(k).isdigit() and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"'{key}' in {path} must map indices to names, like {{\"0\": \"...\", \"1\": \"...\"}}")
+    return {int(k): v for k, v in sorted(value.items(), key=lambda kv: int(kv[0]))}
+
+
+def read_msd_index(root: Path) -> MsdIndex:
+    """Read and check <root>/dataset.json (MSD layout)."""
+    path = root / "dataset.json"
     try:
-        entries = json.loads(index_path.read_text())["training"]
+        index = json.loads(path.read_text())
+        training = index["training"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"cannot read the 'training' list of {index_path}: {error}") from None
-    keys = {cfg.images[0]: "image", **({cfg.masks[0]: "label"} if cfg.masks else {})}
+        raise ConfigError(f"cannot read the 'training' list of {path}: {error}") from None
+    modalities = _index_map(index.get("modality", {}), "modality", path)
+    if list(modalities) != list(range(len(modalities))):
+        raise ConfigError(f"the 'modality' map of {path} must number its modalities 0, 1, 2, ... (the positions "
+                          f"on the images' 4th axis), got {list(modalities)}")
+    test = index.get("test", [])
+    if isinstance(test, list):  # MSD lists test images as paths; some tools write {"image": path} entries
+        test = [entry.get("image") if isinstance(entry, dict) else entry for entry in test]
+    if not isinstance(training, list) or not isinstance(test, list) or not all(isinstance(e, str) for e in test):
+        raise ConfigError(f"{path} must hold a 'training' list of {{\"image\": ..., \"label\": ...}} entries and a "
+                          "'test' list of image paths")
+    return MsdIndex(path, list(modalities.values()), _index_map(index.get("labels", {}), "labels", path),
+                    training, test)
+
+
+def _describe_modalities(index: MsdIndex) -> str:
+    return ", ".join(f"{name} ({position})" for position, name in enumerate(index.modalities))
+
+
+def _modality_position(name: str, index: MsdIndex) -> int:
+    """The 4th-axis position of data.images entry `name`: a modality name (case-insensitive) or an index."""
+    matches = [p for p, known in enumerate(index.modalities) if known.lower() == name.lower()]
+    if len(matches) > 1:
+        raise ConfigError(f"data.images names '{name}', which matches several modalities of {index.path} "
+                          f"({_describe_modalities(index)}): name it by its index")
+    if matches:
+        return matches[0]
+    if name.isdigit() and int(name) < len(index.modalities):
+        return int(name)
+    raise ConfigError(f"data.images names '{name}', which is not a modality of {index.path}: available "
+                      f"{_describe_modalities(index)} (by name, any case, or by index)")
+
+
+def _image_positions(cfg: DataConfig, index: MsdIndex) -> dict[str, int | None]:
+    """data.images -> 4th-axis position in the "image" files (None: the file is one 3D image)."""
+    if index.modalities:
+        return {name: _modality_position(name, index) for name in cfg.images}
+    if len(cfg.images) != 1:
+        raise ConfigError(f"{index.path} has no 'modality' map, so its images hold one modality each, but "
+                          f"data.images={list(cfg.images)}: name one image, or add a 'modality' map")
+    return {cfg.images[0]: None}
+
+
+def _check_image_layout(path: Path, shown: str, index: MsdIndex) -> None:
+    """Refuse an "image" file whose 4th axis does not hold the modalities that dataset.json names."""
+    try:
+        shape = tuple(nib.load(path).shape)  # the header only: nothing is decompressed
+    except READ_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot read NIfTI file {shown}: {message}") from None
+    channels = shape[3] if len(shape) == 4 else 1
+    if channels == len(index.modalities) or (channels == 1 and not index.modalities):
+        return
+    if not index.modalities:
+        raise ConfigError(f"{shown} holds {channels} modalities along its 4th axis (shape {shape}), but {index.path} "
+                          f"has no 'modality' map naming them (positions 0-{channels - 1}): add one, e.g. "
+                          f"\"modality\": {{\"0\": \"FLAIR\", \"1\": \"T1w\"}}, and name them in data.images")
+    raise ConfigError(f"{shown} holds {channels} modalities along its 4th axis (shape {shape}), but the "
+                      f"'modality' map of {index.path} names {len(index.modalities)}: {_describe_modalities(index)}")
+
+
+def _msd_case(position: int, entry, keys: dict[str, str], root: Path, index: MsdIndex) -> dict[str, Path]:
+    """The files of one 'training' entry: name -> path, for each data name -> dataset.json key in `keys`."""
+    files = {}
+    for name, key in keys.items():
+        if not isinstance(entry, dict) or key not in entry:
+            raise ConfigError(f"entry {position} of the 'training' list in {index.path} has no '{key}'")
+        path = (root / entry[key]).resolve()
+        if not path.is_file():
+            raise ConfigError(f"file '{entry[key]}' listed in {index.path} does not exist: {path}")
+        files[name] = path
+    return files
+
+
+def _check_mask_classes(cfg: DataConfig, index: MsdIndex) -> None:
+    """dataset.json's 'labels' fill data.mask_classes of the label mask when it is not set, and must agree
+    with it when it is."""
+    if not cfg.masks or not index.labels:
+        return
+    mask, count = cfg.masks[0], max(index.labels) + 1
+    named = ", ".join(f"{value} {name}" for value, name in index.labels.items())
+    if mask not in cfg.mask_classes:
+        cfg.mask_classes[mask] = count
+        get_logger().info("data.mask_classes.%s=%d from the labels of %s (%s)", mask, count, index.path, named)
+    elif cfg.mask_classes[mask] != count:
+        raise ConfigError(f"data.mask_classes.{mask}={cfg.mask_classes[mask]}, but the 'labels' of {index.path} "
+                          f"name {count} classes ({named}): set data.mask_classes.{mask}={count}")
+
+
+def _discover_msd(root: Path, cfg: DataConfig) -> list[Subject]:
+    """MSD-style dataset.json: data.images are modalities of its "image" files (by name or index; a 4D file is
+    split along its 4th axis), data.masks[0] (if any) its "label". The 'test' cases are never loaded."""
+    index = read_msd_index(root)
+    if len(cfg.masks) > 1:
+        raise ConfigError(f"{index.path} provides one label per subject, but data.masks={list(cfg.masks)}")
+    positions = _image_positions(cfg, index)
+    _check_mask_classes(cfg, index)
+    keys = {**{name: "image" for name in cfg.images}, **({cfg.masks[0]: "label"} if cfg.masks else {})}
     subjects = []
-    for position, entry in enumerate(entries):
-        files = {}
-        for modality, key in keys.items():
-            if not isinstance(entry, dict) or key not in entry:
-                raise ConfigError(f"entry {position} of the 'training' list in {index_path} has no '{key}'")
-            path = (root / entry[key]).resolve()
-            if not path.is_file():
-                raise ConfigError(f"file '{entry[key]}' listed in {index_path} does not exist: {path}")
-            files[modality] = path
-        subjects.append(Subject(_strip_nifti_suffix(Path(entry["image"]).name), files))
+    for position, entry in enumerate(index.training):
+        files = _msd_case(position, entry, keys, root, index)
+        _check_image_layout(files[cfg.images[0]], _display(files[cfg.images[0]], root), index)
+        channels = {name: p for name, p in positions.items() if p is not None}
+        subjects.append(Subject(_strip_nifti_suffix(Path(entry["image"]).name), files, channels))
+    _check_test_cases([s.subject_id for s in subjects], index)
     return subjects
+
+
+def _check_test_cases(training_ids: list[str], index: MsdIndex) -> None:
+    """Test cases never train: refuse one that is also a training case, and say that they are left out."""
+    test_ids = [_strip_nifti_suffix(Path(path).name) for path in index.test]
+    both = sorted(set(test_ids) & set(training_ids))
+    if both:
+        raise ConfigError(f"case '{both[0]}' is in both the 'training' and the 'test' list of {index.path}: "
+                          "test cases must never train")
+    if test_ids:
+        get_logger().info("%d 'test' cases of %s are not loaded (no labels, never trained on); the held-out "
+                          "subjects come from its 'training' list", len(test_ids), index.path)
+
+
+def mask_label_names(cfg: DataConfig) -> dict[str, dict[int, str]]:
+    """Names of the label values of each mask, from an MSD dataset.json's 'labels' ({} without one)."""
+    path = Path(cfg.root) / "dataset.json"
+    if not cfg.masks or not path.is_file():
+        return {}
+    labels = read_msd_index(Path(cfg.root)).labels
+    return {cfg.masks[0]: labels} if labels else {}
 
 
 def discover_subjects(cfg: DataConfig) -> list[Subject]:
@@ -129,20 +271,26 @@ def discover_subjects(cfg: DataConfig) -> list[Subject]:
 # Volumes
 
 
-def load_volume(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(path: Path, name: str, stacked: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume reoriented to RAS; returns (float32 array, its RAS voxel-to-mm affine).
 
     Args:
         path: the file.
         name: how errors name the file (e.g. "sub-007/seg.nii.gz").
+        stacked: the file holds volumes stacked along a 4th axis (an MSD image of several modalities): the
+            array is (X, Y, Z, C), C = 1 for a 3D file.
     """
+    axes = 4 if stacked else 3
     try:
         image = nib.load(path)
-        if len(image.shape) < 3 or any(size != 1 for size in image.shape[3:]):
-            raise ConfigError(f"expected a 3D volume, got shape {tuple(image.shape)} in {name}")
-        if len(image.shape) > 3:  # trailing singleton dimensions, e.g. (X, Y, Z, 1)
-            image = image.slicer[(slice(None),) * 3 + (0,) * (len(image.shape) - 3)]
-        image = nib.as_closest_canonical(image)
+        shape = tuple(image.shape)
+        if len(shape) < 3 or any(size != 1 for size in shape[axes:]):
+            hint = " (a 4D file of several modalities needs an MSD-style dataset.json with a 'modality' map)"
+            expected = "a 3D volume or a 4D stack of them" if stacked else "a 3D volume"
+            raise ConfigError(f"expected {expected}, got shape {shape} in {name}" + (hint if len(shape) == 4 else ""))
+        if len(shape) > axes:  # trailing singleton dimensions, e.g. (X, Y, Z, 1)
+            image = image.slicer[(slice(None),) * axes + (0,) * (len(shape) - axes)]
+        image = nib.as_closest_canonical(image)  # reorients the three spatial axes, keeps a 4th
         # Read here, inside the try: a truncated .nii.gz only fails when its data is decompressed.
         volume = np.ascontiguousarray(image.get_fdata(dtype=np.float32))
     except ConfigError:
@@ -152,7 +300,22 @@ def load_volume(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"cannot read NIfTI file {name}: {message}") from None
     if not np.isfinite(volume).all():
         raise ConfigError(f"{int((~np.isfinite(volume)).sum())} voxels are NaN or Inf in {name}")
+    if stacked and volume.ndim == 3:
+        volume = volume[..., None]
     return volume, image.affine.astype(np.float64)
+
+
+def _read_modality(subject: Subject, name: str, shown: str, stacks: dict[Path, tuple[np.ndarray, np.ndarray]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """One modality of a subject: its own 3D file, or its position on the 4th axis of a file it shares with
+    other modalities; `stacks` keeps such a file once decoded, so it is decompressed once per subject."""
+    path = subject.files[name]
+    if name not in subject.channels:
+        return load_volume(path, shown)
+    if path not in stacks:
+        stacks[path] = load_volume(path, shown, stacked=True)
+    stack, affine = stacks[path]
+    return np.ascontiguousarray(stack[..., subject.channels[name]]), affine
 
 
 def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch.Tensor:
@@ -275,7 +438,8 @@ class SliceDataset(ArrayDataset):
 
     def __init__(self, arrays: dict[str, torch.Tensor], item_ids: list[str], image_names: list[str],
                  mask_names: list[str], normalization: dict,
-                 clip_values: dict[str, dict[str, list[float]]] | None = None) -> None:
+                 clip_values: dict[str, dict[str, list[float]]] | None = None,
+                 mask_labels: dict[str, dict[int, str]] | None = None) -> None:
         """
         Args:
             arrays: name -> (N, 1, H, W) tensor, float32 for images and int64 for masks.
@@ -283,12 +447,15 @@ class SliceDataset(ArrayDataset):
             normalization: how images were mapped to [-1, 1]: method and parameters (JSON-serialisable).
             clip_values: subject -> image name -> the [low, high] intensities mapped to [-1, 1]; kept apart from
                 `normalization`, which describes the method and goes into exported model metadata.
+            mask_labels: mask name -> label value -> class name, where the data names them (an MSD dataset.json's
+                'labels'); figures and exports may use them.
         """
         super().__init__(arrays, item_ids)
         self.image_names = list(image_names)
         self.mask_names = list(mask_names)
         self.normalization = normalization
         self.clip_values = clip_values or {}
+        self.mask_labels = mask_labels or {}
 
     @property
     def subject_ids(self) -> list[str]:
@@ -305,7 +472,7 @@ class SliceDataset(ArrayDataset):
         subjects = {subject_of(i) for i in item_ids}
         clip_values = {k: v for k, v in self.clip_values.items() if k in subjects}
         return type(self)(arrays, list(item_ids), self.image_names, self.mask_names, self.normalization,
-                          clip_values)
+                          clip_values, self.mask_labels)
 
 
 def _check_config(cfg: DataConfig) -> None:
@@ -369,10 +536,11 @@ def load_subject_volumes(subject: Subject, cfg: DataConfig, root: Path
     target_shape: tuple[int, ...] = ()
     voxel_size: tuple[float, ...] = ()
     native_affine = np.eye(4)
+    stacks: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
     for name in list(cfg.images) + list(cfg.masks):
         is_mask = name in cfg.masks
         display = _display(subject.files[name], root)
-        volume, affine = load_volume(subject.files[name], display)
+        volume, affine = _read_modality(subject, name, display, stacks)
         if name == reference_name:
             native_shape, native_affine = volume.shape, affine
             target_shape, voxel_size = native_shape, tuple(float(v) for v in nib.affines.voxel_sizes(affine))
@@ -464,7 +632,7 @@ def load_slice_dataset(cfg: DataConfig) -> SliceDataset:
     logger.info("loaded %d subjects from %s: %d slices of %dx%d along %s kept", len(subjects), root,
                 len(item_ids), cfg.image_size, cfg.image_size, letter)
     return SliceDataset(arrays, item_ids, cfg.image_names(), list(cfg.masks), _normalization_record(cfg),
-                        clip_values)
+                        clip_values, mask_label_names(cfg))
 
 
 def random_flip(batch: dict, prob: float) -> dict:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from data.nifti import (AXIS_LETTERS, SliceDataset, _check_config, _display, _normalization_record, discover_subjects,
-                        load_subject_volumes, pad_or_crop, slice_index_of, subject_of, to_slices)
+                        load_subject_volumes, mask_label_names, pad_or_crop, slice_index_of, subject_of, to_slices)
 from utils.config import ConfigError, DataConfig
 from utils.logging import get_logger
 
@@ -36,6 +36,7 @@ class SubjectVolumes:
         self.cfg = cfg
         root = Path(cfg.root)
         subjects = discover_subjects(cfg)
+        self.mask_labels = mask_label_names(cfg)
         self.volumes: dict[str, dict[str, torch.Tensor]] = {}
         self.clip_values: dict[str, dict[str, list[float]]] = {}
         depth, height, width = cfg.volume_shape
@@ -96,7 +97,7 @@ class SubjectVolumes:
         subjects = set(by_subject)
         return VolumeDataset(arrays, item_ids, self.cfg.image_names(), list(self.cfg.masks),
                              _normalization_record(self.cfg),
-                             {k: v for k, v in self.clip_values.items() if k in subjects})
+                             {k: v for k, v in self.clip_values.items() if k in subjects}, self.mask_labels)
 
 
 def _runs(indices: list[int]) -> list[list[int]]:

@@ -104,10 +104,10 @@ def test_demo_files_and_labels(demo_root, mni):
 
 
 def test_demo_is_built_when_root_is_missing(tmp_path):
-    root = tmp_path / "fresh" / "demo"
+    root = tmp_path / "fresh" / "demo_mni152"  # the demo builds only into a folder of its own name
     datasets = build_datasets(make_cfg(root, demo="mni152"), tmp_path / "run", seed=0)
     assert (root / "mni152" / "t1.nii.gz").is_file() and (root / "mni152" / "seg.nii.gz").is_file()
-    assert len(datasets["train"]) > 0 and sorted(p.name for p in root.parent.iterdir()) == ["demo"]
+    assert len(datasets["train"]) > 0 and sorted(p.name for p in root.parent.iterdir()) == ["demo_mni152"]
 
 
 def test_items_shapes_dtypes_ranges(demo_sets):

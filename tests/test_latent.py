@@ -32,7 +32,7 @@ TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     base = tmp_path_factory.mktemp("latent")
-    data_root = base / "ihc"
+    data_root = base / "demo_ihc"  # the demo builds only into a folder of its own name
     common = [f"data.root={data_root}", "data.tile_size=32", "data.tile_stride=32", "logging.trackers=[csv]"]
     vae = base / "vae"
     train_vae.main(["--config", str(REPO / "configs/demo_pathology_vae.yaml"), f"run.output_dir={vae}", *common,

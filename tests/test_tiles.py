@@ -102,11 +102,11 @@ def test_demo_pieces_and_stain_classes(ihc_root):
 
 
 def test_demo_is_built_on_first_use_through_build_datasets(tmp_path):
-    root = tmp_path / "fresh" / "ihc"
+    root = tmp_path / "fresh" / "demo_ihc"  # the demo builds only into a folder of its own name
     cfg = make_cfg(root, demo="ihc")
     datasets = build_datasets(cfg, tmp_path / "run", seed=0)
     assert (root / "ihc_q0_mask.png").is_file() and (root / "ihc_extra.png").is_file()
-    assert sorted(p.name for p in root.parent.iterdir()) == ["ihc"]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["demo_ihc"]
     assert len(datasets["train"]) > 0 and len(datasets["val"]) > 0
     stamp = (root / "ihc_q0.png").stat().st_mtime_ns
     again = build_datasets(cfg, tmp_path / "run", seed=0)  # reuses both the demo folder and split.json
@@ -436,7 +436,7 @@ def case_demo_of_other_kind(root, ihc_root):
 
 
 def case_unknown_kind(root, ihc_root):
-    return make_cfg(root, kind="slides"), r"data\.kind must be one of nifti, tiles, got 'slides'"
+    return make_cfg(root, kind="slides"), r"data\.kind must be one of nifti, tiles, class_folders, got 'slides'"
 
 
 def case_empty_train(root, ihc_root):

@@ -59,7 +59,9 @@ class DataConfig:
     kind: str = "nifti"  # nifti | tiles | class_folders | latent_cache
     dims: int = 2  # nifti: 2 = items are slices; 3 = items are volumes (whole, or slabs of a single subject)
     root: str = "data/demo_mni152"
-    demo: str = ""  # build this demo dataset at `root` when it does not exist ("" = never)
+    # build this demo dataset at `root` when it does not exist, only into a folder of the demo's own name (e.g.
+    # data/demo_mni152), so that a mistyped root is refused ("" = never)
+    demo: str = ""
     images: list[str] = field(default_factory=lambda: ["t1"])
     masks: list[str] = field(default_factory=list)
     mask_classes: dict[str, int] = field(default_factory=dict)  # labels per mask, background included
