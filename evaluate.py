@@ -21,15 +21,18 @@ from data.sources import load_data, pixel_references
 from data.volumes import display_spacing
 from diffusion import build_strategy
 from diffusion.generate import generate
-from diffusion.task import Field, Task
-from models.unet2d import Denoiser, build_denoiser, load_denoiser
+from diffusion.task import Field, Task, build_task
+from models import build_network
+from models.unet2d import load_denoiser
 from utils import config as config_lib
 from utils import metrics
 from utils.checkpoint import atomic_write_text
 from utils.config import ConfigError
 from utils.distributed import check_launch
-from utils.evaluation import (SeedItems, evenly_spaced, pooled_uncertainty, sample_items, score_item, shown_condition,
-                              summarise, uncertainty_maps)
+from utils.classification import confusion_figure, confusion_matrix
+from utils.evaluation import (SeedItems, classification_summary, classify_items, evenly_spaced, item_prediction,
+                              pooled_uncertainty, sample_items, score_item, shown_condition, summarise,
+                              uncertainty_maps)
 from utils.logging import setup_logging
 from utils.model_card import with_evaluation
 from utils.visualization import (comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours,
@@ -38,22 +41,27 @@ from utils.visualization import (comparison_grid, denoising_strip, figure_array,
 MAX_VOLUME_FIGURES = 4  # held-out volumes drawn as montage, orthogonal views and MIPs
 
 
-def load_weights(run_dir: Path, weights: str, cfg, task: Task) -> Denoiser:
-    """final/, checkpoints/best-<metric>/ (diffusers folders) or a checkpoint folder (EMA weights if saved)."""
+def load_weights(run_dir: Path, weights: str, cfg, task: Task) -> torch.nn.Module:
+    """final/, checkpoints/best-<metric>/ (exports) or a checkpoint folder (EMA weights if saved)."""
     if weights == "final" or weights.startswith("best-"):
         folder = run_dir / "final" if weights == "final" else run_dir / "checkpoints" / weights
-        if not (folder / "unet" / "config.json").is_file():
-            raise ConfigError(f"eval.weights={weights}: {folder / 'unet'} does not exist in run {run_dir} "
+        if task.kind == "classification":
+            from models.classifier import CLASSIFIER_CONFIG, LabelDiffusionClassifier
+            marker, load = folder / CLASSIFIER_CONFIG, LabelDiffusionClassifier.load_export
+        else:
+            marker, load = folder / "unet" / "config.json", load_denoiser
+        if not marker.is_file():
+            raise ConfigError(f"eval.weights={weights}: {marker} does not exist in run {run_dir} "
                               "(train to the end, or name a checkpoint folder)")
-        return load_denoiser(folder)
+        return load(folder)
     folder = Path(weights)
     found = next((f for f in (folder / "ema.safetensors", folder / "model.safetensors") if f.is_file()), None)
     if found is None:
         raise ConfigError(f"eval.weights={weights}: neither 'final', 'best-<metric>' nor a checkpoint folder "
                           "holding ema.safetensors or model.safetensors")
-    denoiser = build_denoiser(cfg.model, task)
-    denoiser.load_state_dict(load_file(found))
-    return denoiser
+    net = build_network(cfg, task)
+    net.load_state_dict(load_file(found))
+    return net
 
 
 def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict, scored: list[Field]) -> None:
@@ -158,11 +166,14 @@ def main(argv=None):
     bundle = load_data(cfg, run_dir, is_main_process=False, device=accelerator.device)
     if ev.split not in bundle.datasets:
         raise ConfigError(f"eval.split={ev.split}: the run has no such split (data.test_fraction is 0)")
-    task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
-    scored = pixel_references(bundle, task)
+    task = build_task(cfg, bundle)
     strategy = build_strategy(cfg.diffusion)
     net = load_weights(run_dir, ev.weights, cfg, task).to(accelerator.device).eval()
     reference_set = bundle.datasets[ev.split]
+    if task.kind == "classification":
+        task.auxiliary = net.auxiliary
+        return evaluate_classifier(cfg, run_dir, task, strategy, net, reference_set, accelerator, logger)
+    scored = pixel_references(bundle, task)
     data_range = ev.data_range or reference_set.data_range
     if ev.data_range:
         image = next(f.name for f in scored if not f.is_mask)
@@ -229,6 +240,66 @@ def main(argv=None):
         logger.info("%s", ", ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None))
         logger.info("wrote %s", out)
     accelerator.wait_for_everyone()
+
+
+def evaluate_classifier(cfg, run_dir: Path, task, strategy, net, reference_set, accelerator, logger) -> None:
+    """Label diffusion and auxiliary classifier on the evaluated split: report.json (both classifiers' scores, and
+    how well the spread of eval.samples_per_item samples flags errors), per_item.csv (labels, predictions,
+    probabilities, uncertainty), confusion.png and confusion_auxiliary.png."""
+    ev = cfg.eval
+    count = min(ev.num_items, len(reference_set)) if ev.num_items > 0 else len(reference_set)
+    indices = evenly_spaced(len(reference_set), count)
+    logger.info("evaluating %s (%s) on %d %s images, %d sample(s) each, %d steps, %d process(es)", run_dir,
+                ev.weights, count, ev.split, ev.samples_per_item, ev.sampling_steps, accelerator.num_processes)
+    progress = tqdm(total=count, desc="eval", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    items = classify_items(strategy, net, task, reference_set, indices, ev.batch_size, ev.seed, ev.sampling_steps,
+                           accelerator, ev.samples_per_item, progress)
+    progress.close()
+    if accelerator.is_main_process:
+        out = run_dir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        summary = classification_summary(items, task.num_classes)
+        report = {"metrics": {name: {"value": value, "n": len(items)} for name, value in summary.items()},
+                  "classes": task.class_names,
+                  "settings": {"weights": ev.weights, "split": ev.split, "num_items": count,
+                               "samples_per_item": ev.samples_per_item, "sampling_steps": ev.sampling_steps,
+                               "strategy": cfg.diffusion.strategy, "sampler": strategy.sampler, "seed": ev.seed,
+                               "num_processes": accelerator.num_processes,
+                               "normalization": reference_set.normalization}}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        write_classification_items(out / "per_item.csv", items, task.class_names)
+        labels = [it["label"] for it in items]
+        for name, probabilities in (("confusion", [item_prediction(it)[0] for it in items]),
+                                    ("confusion_auxiliary", [it["auxiliary"] for it in items])):
+            who = "label diffusion" if name == "confusion" else "auxiliary classifier"
+            key = "f1" if name == "confusion" else "aux_f1"
+            confusion_figure(confusion_matrix(labels, np.argmax(probabilities, axis=1), task.num_classes),
+                             task.class_names, out / f"{name}.png",
+                             f"{who}, {ev.split} ({ev.weights}): macro F1 {summary[key]:.3f}")
+        if (run_dir / "metrics.csv").is_file():
+            metric_curves(run_dir / "metrics.csv", out / "training_curves.png")
+        card = run_dir / "final" / "README.md"
+        if ev.weights == "final" and card.is_file():
+            atomic_write_text(card, with_evaluation(card.read_text(), report))
+        logger.info("label diffusion: %s; auxiliary: %s",
+                    ", ".join(f"{k} {summary[k]:.4f}" for k in ("accuracy", "f1", "auc_ovr", "kappa")),
+                    ", ".join(f"{k} {summary['aux_' + k]:.4f}" for k in ("accuracy", "f1", "auc_ovr", "kappa")))
+        logger.info("wrote %s", out)
+    accelerator.wait_for_everyone()
+
+
+def write_classification_items(path: Path, items: list[dict], class_names: list[str]) -> None:
+    """One row per image: its label, the label diffusion's prediction, probabilities and uncertainty, and the
+    auxiliary classifier's prediction and probabilities (its global and local heads averaged)."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "label", "prediction", *[f"p_{c}" for c in class_names], "uncertainty",
+                         "aux_prediction", *[f"aux_p_{c}" for c in class_names]])
+        for item in items:
+            probabilities, uncertainty = item_prediction(item)
+            writer.writerow([item["item_id"], item["label"], int(probabilities.argmax()),
+                             *[f"{p:.8g}" for p in probabilities], f"{uncertainty:.8g}",
+                             int(item["auxiliary"].argmax()), *[f"{p:.8g}" for p in item["auxiliary"]]])
 
 
 def distribution_scores(features, items: list[dict], scored: list[Field], reference_set, accelerator) -> dict:

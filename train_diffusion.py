@@ -24,14 +24,16 @@ from data.arrays import to_device
 from data.sources import load_data, pixel_references
 from data.volumes import display_spacing
 from diffusion import build_strategy
-from diffusion.task import Task
+from diffusion.task import Task, build_task
+from models import build_network
 from models.losses import PerceptualLoss
-from models.unet2d import build_denoiser
 from utils import config as config_lib
 from utils.checkpoint import load_checkpoint
 from utils.distributed import check_launch
 from utils.ema import EMA
-from utils.evaluation import evenly_spaced, heldout_loss, mean_scores, sample_items, score_item, shown_condition
+from utils.classification import confusion_figure, confusion_matrix
+from utils.evaluation import (classification_summary, classify_items, evenly_spaced, heldout_loss, item_prediction,
+                              mean_scores, sample_items, score_item, shown_condition)
 from utils.export import export_final, export_weights
 from utils.logging import setup_logging
 from utils.lr_finder import run_lr_finder
@@ -43,45 +45,16 @@ from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, buil
 from utils.visualization import comparison_grid, figure_array, volume_figure
 
 # Best-model folders: metric -> whether lower is better.
-BEST_METRICS = {"val/loss": True, "val/ssim": False}
+BEST_METRICS = {"val/loss": True, "val/ssim": False, "val/f1": False}
 
 
 def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger):
-    """Held-out loss every validation.every steps; sampling, SSIM/PSNR and figures every sample_every."""
-    val, net = bundle.datasets["val"], accelerator.unwrap_model(model)
-    scored = pixel_references(bundle, task)
-    results = {}
+    """Held-out metrics of the task (EMA weights swapped in), logged; the best weights by each kept."""
+    net = accelerator.unwrap_model(model)
     with ema.swapped(model) if ema else nullcontext():
         net.eval()
-        if step % cfg.validation.every == 0 or step == cfg.training.max_steps:
-            # Evenly spaced over the whole held-out set (every subject), the same items at every validation.
-            indices = evenly_spaced(len(val), cfg.validation.num_items or len(val))
-            results.update(heldout_loss(strategy, net, task, val, indices, cfg.training.batch_size,
-                                        cfg.run.seed, accelerator))
-        if step % cfg.validation.sample_every == 0 or step == cfg.training.max_steps:
-            # Evenly spaced held-out items, the same ones at every validation.
-            indices = evenly_spaced(len(val), cfg.validation.num_samples)
-            items = sample_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
-                                 cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator,
-                                 scored=scored, to_pixels=bundle.to_pixels)
-            if task.is_conditional:
-                scores = mean_scores([score_item(scored, it, val.data_range, task.region_mask) for it in items])
-                results.update({f"val/{k}": v for k, v in scores.items()})
-            if accelerator.is_main_process:
-                rows = [{"condition": shown_condition(it, scored[0].name),
-                         "generated": it["generated"][0][scored[0].name],
-                         "reference": it["reference"].get(scored[0].name)} for it in items]
-                rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
-                path = Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png"
-                if rows[0]["generated"].ndim == 4:  # (C, D, H, W): orthogonal views through the first volume
-                    grid = rows[0]["generated"].shape
-                    png = volume_figure({k: v[0] for k, v in rows[0].items() if v.shape[1:] == grid[1:]}, path,
-                                        "orthogonal",
-                                        title=f"{items[0]['item_id']}, step {step}", spacing=display_spacing(cfg.data))
-                else:
-                    png = comparison_grid([{k: figure_array(v) for k, v in r.items()} for r in rows], path,
-                                          titles=[it["item_id"] for it in items])
-                metrics_log.log_image("samples", png, step)
+        held_out = classification_results if task.kind == "classification" else generation_results
+        results = held_out(step, cfg, strategy, net, task, bundle, accelerator, metrics_log)
         net.train()
         metrics_log.log(results, step)
         # Keep the best weights by each held-out metric (EMA weights are swapped in here).
@@ -97,14 +70,82 @@ def validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics
                 logger.info("new best %s = %.4f at step %d", name, results[name], step)
 
 
+def is_due(step: int, every: int, cfg) -> bool:
+    return step % every == 0 or step == cfg.training.max_steps
+
+
+def generation_results(step, cfg, strategy, net, task, bundle, accelerator, metrics_log) -> dict:
+    """Held-out loss every validation.every steps; sampling, SSIM/PSNR and figures every sample_every."""
+    val, scored, results = bundle.datasets["val"], pixel_references(bundle, task), {}
+    if is_due(step, cfg.validation.every, cfg):
+        # Evenly spaced over the whole held-out set (every subject), the same items at every validation.
+        indices = evenly_spaced(len(val), cfg.validation.num_items or len(val))
+        results.update(heldout_loss(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
+                                    accelerator))
+    if is_due(step, cfg.validation.sample_every, cfg):
+        # Evenly spaced held-out items, the same ones at every validation.
+        indices = evenly_spaced(len(val), cfg.validation.num_samples)
+        items = sample_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
+                             cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator,
+                             scored=scored, to_pixels=bundle.to_pixels)
+        if task.is_conditional:
+            scores = mean_scores([score_item(scored, it, val.data_range, task.region_mask) for it in items])
+            results.update({f"val/{k}": v for k, v in scores.items()})
+        if accelerator.is_main_process:
+            rows = [{"condition": shown_condition(it, scored[0].name),
+                     "generated": it["generated"][0][scored[0].name],
+                     "reference": it["reference"].get(scored[0].name)} for it in items]
+            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+            path = Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png"
+            if rows[0]["generated"].ndim == 4:  # (C, D, H, W): orthogonal views through the first volume
+                grid = rows[0]["generated"].shape
+                png = volume_figure({k: v[0] for k, v in rows[0].items() if v.shape[1:] == grid[1:]}, path,
+                                    "orthogonal",
+                                    title=f"{items[0]['item_id']}, step {step}", spacing=display_spacing(cfg.data))
+            else:
+                png = comparison_grid([{k: figure_array(v) for k, v in r.items()} for r in rows], path,
+                                      titles=[it["item_id"] for it in items])
+            metrics_log.log_image("samples", png, step)
+    return results
+
+
+def classification_results(step, cfg, strategy, net, task, bundle, accelerator, metrics_log) -> dict:
+    """Every validation.every steps the auxiliary classifier's scores (val/aux_f1, ...) and, once the label
+    diffusion trains, its held-out loss; every sample_every the label diffusion's scores (val/f1, ...) from
+    validation.sampling_steps sampling steps, and a confusion-matrix figure."""
+    val, results = bundle.datasets["val"], {}
+    indices = evenly_spaced(len(val), cfg.validation.num_items or len(val))
+    diffusing = not task.trains_auxiliary(step - 1)  # the last step taken trained the label diffusion
+    sampled = diffusing and is_due(step, cfg.validation.sample_every, cfg)
+    if diffusing and is_due(step, cfg.validation.every, cfg):
+        results.update(heldout_loss(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
+                                    accelerator))
+    items = classify_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
+                           cfg.validation.sampling_steps if sampled else 0, accelerator)
+    results.update({f"val/{k}": v for k, v in classification_summary(items, task.num_classes).items()})
+    if sampled and accelerator.is_main_process:
+        labels = [it["label"] for it in items]
+        predictions = [item_prediction(it)[0].argmax() for it in items]
+        png = confusion_figure(confusion_matrix(labels, predictions, task.num_classes), task.class_names,
+                               Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png",
+                               f"label diffusion, step {step}: F1 {results['val/f1']:.3f} "
+                               f"(auxiliary {results['val/aux_f1']:.3f})")
+        metrics_log.log_image("confusion", png, step)
+    return results
+
+
 QUARTILES = 4  # train/loss_t_q1..4: the loss of the samples whose diffusion time fell in each quarter of [0, 1]
 
 
 def batch_loss(model, task: Task, strategy, batch: dict, cond_drop_prob: float,
-               perceptual: Optional[PerceptualLoss] = None) -> tuple[torch.Tensor, dict, dict]:
+               perceptual: Optional[PerceptualLoss] = None, step: int = -1) -> tuple[torch.Tensor, dict, dict]:
     """The mean training loss of a batch (conditions dropped with `cond_drop_prob`), its diagnostics, and per time
     quartile the (sum, count) of its samples' losses. With `perceptual`, each sample's loss adds
-    task.perceptual_weight times the feature distance of its predicted x0 (logged as train/loss_perceptual)."""
+    task.perceptual_weight times the feature distance of its predicted x0 (logged as train/loss_perceptual).
+    A classification run's first classifier.aux_steps steps train its auxiliary classifier instead."""
+    if task.kind == "classification" and task.trains_auxiliary(step):
+        per_sample, diagnostics = model(auxiliary_images=batch["image"], auxiliary_labels=batch["label"])
+        return per_sample.mean(), diagnostics, {}
     x0, cond = task.targets_of(batch), task.condition_of(batch, cond_drop_prob)
     elementwise, t, *x0_hat = strategy.loss_terms(model, x0, cond, with_x0=perceptual is not None)
     per_sample, diagnostics = task.reduce(elementwise, batch)
@@ -144,10 +185,12 @@ def find_lr(cfg, args) -> None:
     logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
     with tempfile.TemporaryDirectory() as scratch:  # the split and data records stay out of the run directory
         bundle = load_data(cfg, Path(scratch), True, accelerator.device)
-    task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
+    task = build_task(cfg, bundle)
     strategy = build_strategy(cfg.diffusion)
     set_seed(cfg.run.seed)
-    model = compile_if_asked(build_denoiser(cfg.model, task), cfg.training)
+    model = compile_if_asked(build_network(cfg, task), cfg.training)
+    if task.kind == "classification":
+        task.auxiliary = model.auxiliary
     model, optimizer = accelerator.prepare(model, build_optimizer(model.parameters(), cfg.training))
     batches = training_batches(bundle.datasets["train"], cfg.training, cfg.data, accelerator, cfg.run.seed, 0)
     perceptual = perceptual_term(cfg, accelerator.device)
@@ -169,19 +212,23 @@ def main(argv=None):
     # Data, task, model, strategy. Everything that can reject the input runs before any training.
     bundle = load_data(cfg, run_dir, accelerator.is_main_process, accelerator.device)
     datasets = bundle.datasets
-    task = Task(cfg.task, bundle.fields, bundle.spatial_shape)
+    task = build_task(cfg, bundle)
     strategy = build_strategy(cfg.diffusion)
     perceptual = perceptual_term(cfg, accelerator.device)
     set_seed(cfg.run.seed)  # the initial weights
-    model = compile_if_asked(build_denoiser(cfg.model, task), cfg.training)
-    optimizer = build_optimizer(model.parameters(), cfg.training)
+    model = compile_if_asked(build_network(cfg, task), cfg.training)
+    parameters = model.parameters()
+    if task.kind == "classification":  # the frozen classifier whose priors the label diffusion starts from
+        task.auxiliary = model.auxiliary
+        parameters = model.parameter_groups(cfg.classifier.aux_lr)
+    optimizer = build_optimizer(parameters, cfg.training)
     # The LR scheduler is stepped by hand once per optimizer step; Accelerate's wrapper would step it once
     # per process and tie the schedule to the number of GPUs.
     lr_scheduler = build_lr_scheduler(optimizer, cfg.training)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(model, cfg.training.ema_decay, cfg.training.ema_warmup) if cfg.training.ema_decay > 0 else None
-    logger.info("%d train / %d val items; UNet %.2fM parameters", len(datasets["train"]), len(datasets["val"]),
-                sum(p.numel() for p in model.parameters()) / 1e6)
+    logger.info("%d train / %d val items; %s %.2fM parameters", len(datasets["train"]), len(datasets["val"]),
+                type(accelerator.unwrap_model(model)).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
 
     state = {"step": 0, "nonfinite_steps": 0, "best": {}, "running": {}}
     if resume_from is not None:
@@ -211,6 +258,10 @@ def main(argv=None):
     # From here on SIGTERM, SIGUSR1 and Ctrl-C end the run after the current step, with a checkpoint.
     with StopSignals(logger) as stop:
         while step < cfg.training.max_steps and not stop_reason:
+            if ema is not None and task.kind == "classification" and step == cfg.classifier.aux_steps:
+                # The auxiliary classifier is frozen from here on, at its average (what stage 1's validation
+                # scored): training, validation and export then share one set of priors.
+                ema.apply_to(model, accelerator.unwrap_model(model).auxiliary.parameters())
             seed_step(cfg.run.seed, step, accelerator.process_index)
             # Accumulate gradients; only the last micro-batch synchronises them across processes.
             step_values, step_by_time = {}, {}
@@ -222,8 +273,9 @@ def main(argv=None):
                 timing["data"] += time.perf_counter() - data_start
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                     loss, diagnostics, by_time = batch_loss(model, task, strategy, batch, cfg.task.cond_drop_prob,
-                                                            perceptual)
+                                                            perceptual, step)
                 accelerator.backward(loss / accum)
+                running.add_batch(loss, batch["item_id"])
                 for name, value in {"loss": loss, **diagnostics}.items():
                     step_values[name] = step_values.get(name, 0.0) + value.detach().float() / accum
                 for name, (total, count) in by_time.items():
@@ -250,7 +302,7 @@ def main(argv=None):
             # Log averages over the steps since the last log (the only host syncs for logging). perf/ rows are
             # wall-clock measurements: the only rows that differ between otherwise identical runs.
             if step % cfg.training.log_every == 0 or step == cfg.training.max_steps:
-                values = {f"train/{k}": v for k, v in running.pop_means().items()}
+                values = {f"train/{k}": v for k, v in {**running.pop_means(), **running.pop_worst_batch()}.items()}
                 values.update({"train/lr": lr_scheduler.get_last_lr()[0],
                                "train/nonfinite_steps": state["nonfinite_steps"]})
                 elapsed = time.perf_counter() - timing["start"]
@@ -261,8 +313,9 @@ def main(argv=None):
                 timing = {"start": time.perf_counter(), "data": 0.0, "samples": 0}
 
             paused = time.perf_counter()  # validation and checkpoints do not count as training throughput
+            stage_end = task.kind == "classification" and step == cfg.classifier.aux_steps
             if step % cfg.validation.every == 0 or step % cfg.validation.sample_every == 0 \
-                    or step == cfg.training.max_steps:
+                    or step == cfg.training.max_steps or stage_end:
                 validate(step, cfg, strategy, model, ema, task, bundle, accelerator, metrics_log, state, logger)
 
             stop_reason = checkpoint_if_due(step, start_step, cfg, accelerator, checkpoints, model, optimizer,

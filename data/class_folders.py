@@ -303,7 +303,7 @@ def load_class_folders(cfg: DataConfig) -> ClassFolderDataset:
 
 
 def make_class_split(dataset: ClassFolderDataset, val_fraction: float, seed: int) -> dict:
-    """A split.json dict (unit "slice": item ids): train/ images shuffled with `seed` and dealt out per class,
+    """A split.json dict (unit "image": item ids): train/ images shuffled with `seed` and dealt out per class,
     round(count * val_fraction) of each class to val (at least one, and at least one left to train, when a class
     has two or more images); test/ images form the test split.
     """
@@ -324,7 +324,7 @@ def make_class_split(dataset: ClassFolderDataset, val_fraction: float, seed: int
     test = [item_id for item_id in dataset.item_ids if item_id.startswith("test/")]
     note = (f"class folders: train/ split stratified by class with seed {seed} into {len(train)} train and "
             f"{len(val)} val images; {len(test)} test images from test/")
-    return {"unit": "slice", "seed": seed, "note": note, "train": sorted(train), "val": sorted(val), "test": test}
+    return {"unit": "image", "seed": seed, "note": note, "train": sorted(train), "val": sorted(val), "test": test}
 
 
 def rotate(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

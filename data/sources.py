@@ -56,6 +56,12 @@ class LatentDecoder:
 
 def load_data(cfg: Config, run_dir: Path, is_main_process: bool, device) -> DataBundle:
     """Datasets of cfg.data.kind; for a latent cache also checks its encoder and loads it for decoding."""
+    if cfg.data.kind == "class_folders":
+        datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=is_main_process)
+        image = datasets["val"][0]["image"]
+        fields = {"image": Field("image", "image", image.shape[0]),
+                  "label": Field("label", "label", datasets["train"].num_classes)}
+        return DataBundle(datasets, fields, tuple(image.shape[1:]))
     if cfg.data.kind != "latent_cache":
         datasets = build_datasets(cfg.data, run_dir, cfg.run.seed, is_main_process=is_main_process)
         shape = tuple(datasets["val"][0][cfg.data.images[0]].shape[1:])  # (H, W) or (D, H, W) of a held-out item

@@ -1,7 +1,8 @@
 """Seeded train/val/test splits stored in split.json: by subject, or by contiguous slabs with one subject.
 
-split.json = {"unit": "subject" | "slice", "seed": int, "note": str, "train": [...], "val": [...],
-"test": [...], "excluded_gap": [...] (slice unit only)}; subject units list subject ids, slice units item ids.
+split.json = {"unit": "subject" | "slice" | "image", "seed": int, "note": str, "train": [...], "val": [...],
+"test": [...], "excluded_gap": [...] (slice unit only)}; subject units list subject ids, slice and image units
+(class-folder images, data/class_folders.py) item ids.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
+
+ITEM_UNITS = ("slice", "image")  # splits that list item ids rather than subjects
 
 import numpy as np
 
@@ -107,9 +110,9 @@ def read_split(path: Path, item_ids: Sequence[str], settings: Optional[dict] = N
         split = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read {path}: {error}") from None
-    if not isinstance(split, dict) or split.get("unit") not in ("subject", "slice"):
-        raise ConfigError(f"{path} must hold an object with \"unit\": \"subject\" or \"slice\"")
-    known = set(item_ids) if split["unit"] == "slice" else {subject_of(i) for i in item_ids}
+    if not isinstance(split, dict) or split.get("unit") not in ("subject", *ITEM_UNITS):
+        raise ConfigError(f"{path} must hold an object with \"unit\": \"subject\", \"slice\" or \"image\"")
+    known = set(item_ids) if split["unit"] in ITEM_UNITS else {subject_of(i) for i in item_ids}
     seen: dict[str, str] = {}
     for name in (*SPLITS, "excluded_gap"):
         if name in ("train", "val") and not isinstance(split.get(name), list):
@@ -144,6 +147,6 @@ def write_split(path: Path, split: dict) -> None:
 
 def items_of_split(split: dict, item_ids: Sequence[str]) -> dict[str, list[str]]:
     """The item ids of each split, in dataset order."""
-    unit_of = (lambda i: i) if split["unit"] == "slice" else subject_of
+    unit_of = (lambda i: i) if split["unit"] in ITEM_UNITS else subject_of
     members = {name: set(split.get(name, [])) for name in SPLITS}
     return {name: [i for i in item_ids if unit_of(i) in members[name]] for name in SPLITS}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.config import ConfigError, DataConfig, TaskConfig
+from utils.config import Config, ConfigError, DataConfig, TaskConfig
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Task:
         fields: what the dataset provides (see `fields_from_config`; a latent cache describes its own).
         spatial_shape: (H, W) of the generated arrays.
     """
+
+    kind = "generation"
 
     def __init__(self, cfg: TaskConfig, fields: dict[str, Field], spatial_shape: tuple[int, ...]):
         self.cfg = cfg
@@ -208,3 +210,13 @@ class Task:
                 diagnostics[f"loss_{f.name}_out_{self.region_mask}"] = (
                     (per_pixel * (1 - region)).sum() / (1 - region).sum().clamp_min(1))
         return total, diagnostics
+
+
+def build_task(cfg: Config, bundle) -> Task:
+    """The run's task (`task.kind`): generating the dataset's targets, or classifying images by label diffusion
+    (diffusion.classification.LabelDiffusionTask, the same interface)."""
+    if cfg.task.kind == "classification":
+        from diffusion.classification import LabelDiffusionTask  # imports transformers: only when classifying
+        return LabelDiffusionTask(cfg.task, cfg.classifier, bundle.fields["image"],
+                                  bundle.datasets["train"].class_names, cfg.data.image_size)
+    return Task(cfg.task, bundle.fields, bundle.spatial_shape)

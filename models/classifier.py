@@ -6,11 +6,13 @@ Np = `classifier.prior_size`. The label denoiser has the `net(x_t, t, cond)` int
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import ResNetConfig, ResNetModel
 
@@ -22,6 +24,7 @@ STEM_STRIDE = 4
 # Sinusoid frequencies of the timestep embedding; a learned layer maps them to `classifier.feature_dim`.
 TIME_FREQUENCIES = 64
 FUSION_BLOCKS = 2  # residual 3x3 blocks after the image-label fusion: Np is small, two already see the whole map
+FEATURES_CACHE = "image_features"  # key under which sampling keeps the image features in the condition dict
 ATTENTION_REDUCTION = 4  # hidden width of the patch attention = backbone width / 4 (512 -> 128 in ResNet-18)
 
 
@@ -327,17 +330,75 @@ class LabelDenoiser(nn.Module):
         self.blocks = nn.ModuleList(FusionBlock(dim) for _ in range(FUSION_BLOCKS))
         self.output = nn.Sequential(_group_norm(dim), nn.SiLU(), nn.Conv2d(dim, num_classes, kernel_size=1))
 
+    def image_features(self, image: Tensor) -> Tensor:
+        """(B, D, Np, Np): the image encoder's features pooled to the label map's cells."""
+        features = self.image_projection(self.image_encoder(image))  # (B, D, h, w)
+        return F.adaptive_avg_pool2d(features, self.prior_size)
+
     def forward(self, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
         image, prior = cond["image"], cond["prior"]
         if x_t.shape != prior.shape or x_t.shape[-1] != self.prior_size:
             raise ValueError(f"label map {tuple(x_t.shape)} and prior map {tuple(prior.shape)} must both be "
                              f"(B, K, {self.prior_size}, {self.prior_size}) (classifier.prior_size)")
         t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
-        features = self.image_projection(self.image_encoder(image.to(x_t.dtype)))  # (B, D, h, w)
-        features = F.adaptive_avg_pool2d(features, self.prior_size)  # (B, D, Np, Np)
+        if torch.is_grad_enabled():
+            features = self.image_features(image.to(x_t.dtype))
+        else:  # sampling: the image is the same at every step, so its features are computed once per condition
+            if FEATURES_CACHE not in cond:
+                cond[FEATURES_CACHE] = self.image_features(image.to(x_t.dtype))
+            features = cond[FEATURES_CACHE]
         time = self.time_embedding(timestep_embedding(t).to(x_t.dtype))  # (B, D)
         h = self.label_embedding(torch.cat([x_t, prior.to(x_t.dtype)], dim=1)) + time[..., None, None]  # (B, D, Np, Np)
         h = h * features
         for block in self.blocks:
             h = block(h, time)
         return self.output(h)  # (B, K, Np, Np)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trained network: auxiliary classifier and label denoiser in one module, and its export.
+
+CLASSIFIER_WEIGHTS = "classifier.safetensors"  # final/ and best-<metric>/ of a classification run
+CLASSIFIER_CONFIG = "classifier.json"
+
+
+class LabelDiffusionClassifier(nn.Module):
+    """The auxiliary classifier (stage 1, then frozen) and the label denoiser (stage 2) of one run.
+
+    One module, so one optimizer, one EMA, one checkpoint and one DDP wrapper serve both stages. Both stages'
+    training passes go through `forward` (DDP synchronises only what its wrapper's forward computed):
+    `net(x_t, t, cond)` is the denoiser, `net(auxiliary_images=..., auxiliary_labels=...)` the auxiliary
+    classifier's per-sample loss and diagnostics.
+    """
+
+    def __init__(self, cfg: ClassifierConfig, in_channels: int, num_classes: int, image_size: int):
+        super().__init__()
+        self.settings = {"classifier": dict(vars(cfg)), "in_channels": in_channels, "num_classes": num_classes,
+                         "image_size": image_size}
+        self.auxiliary = AuxiliaryClassifier(cfg, in_channels, num_classes, image_size)
+        self.denoiser = LabelDenoiser(cfg, in_channels, num_classes)
+
+    def forward(self, x_t: Tensor = None, t: Tensor = None, cond: dict = None, *,
+                auxiliary_images: Tensor = None, auxiliary_labels: Tensor = None):
+        if auxiliary_images is not None:
+            return self.auxiliary.loss(auxiliary_images, auxiliary_labels)
+        return self.denoiser(x_t, t, cond)
+
+    def parameter_groups(self, auxiliary_lr: float) -> list[dict]:
+        """Optimizer groups: the auxiliary classifier at `auxiliary_lr`, the denoiser at the optimizer's lr."""
+        return [{"params": list(self.auxiliary.parameters()), "lr": auxiliary_lr},
+                {"params": list(self.denoiser.parameters())}]
+
+    def save_export(self, state: dict[str, Tensor], folder: Path) -> None:
+        """classifier.safetensors (the gathered `state`) and classifier.json (what rebuilds the module)."""
+        save_file({k: v.contiguous() for k, v in state.items()}, folder / CLASSIFIER_WEIGHTS)
+        (folder / CLASSIFIER_CONFIG).write_text(json.dumps(self.settings, indent=2))
+
+    @classmethod
+    def load_export(cls, folder: Path) -> "LabelDiffusionClassifier":
+        """The module `save_export` wrote into `folder` (final/ or checkpoints/best-<metric>/)."""
+        settings = json.loads((Path(folder) / CLASSIFIER_CONFIG).read_text())
+        cfg = ClassifierConfig(**{**settings["classifier"], "pretrained": ""})  # the weights are in the export
+        net = cls(cfg, settings["in_channels"], settings["num_classes"], settings["image_size"])
+        net.load_state_dict(load_file(Path(folder) / CLASSIFIER_WEIGHTS))
+        return net

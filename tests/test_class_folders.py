@@ -382,8 +382,8 @@ def test_bad_settings_are_refused_before_reading(tmp_path, overrides, match):
 
 def test_resolved_config_builds_the_demo_and_batches(tmp_path):
     root = tmp_path / "demo_ihc_classes"
-    cfg = resolve(None, ["data.kind=class_folders", "data.demo=ihc_classes", f"data.root={root}",
-                         "data.normalization=imagenet", "data.image_size=24", "data.class_balanced=true",
+    cfg = resolve(None, ["data.kind=class_folders", "task.kind=classification", "data.demo=ihc_classes",
+                         f"data.root={root}", "data.normalization=imagenet", "data.image_size=24", "data.class_balanced=true",
                          "data.flip_prob=0.5", "data.rotate_degrees=15"])
     check_config(cfg, denoiser=False)
     datasets = build_datasets(cfg.data, tmp_path / "run", cfg.run.seed)

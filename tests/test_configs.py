@@ -10,7 +10,9 @@ import torch
 import yaml
 
 from diffusion import build_strategy
+from diffusion.classification import LabelDiffusionTask
 from diffusion.task import Field, Task, fields_from_config
+from models import build_network
 from models.autoencoder import build_autoencoder, latent_channels_of
 from models.patchvolume import PatchVolume
 from models.unet2d import build_denoiser
@@ -26,7 +28,8 @@ def test_presets_exist():
     names = {p.name for p in PRESETS}
     assert {"demo.yaml", "demo_vae.yaml", "demo_ldm.yaml", "demo_pathology_vae.yaml",
             "demo_pathology_ldm.yaml", "demo_3d.yaml", "demo_ct_2d.yaml", "ct_restore_3d_gpu.yaml", "demo_vae3d.yaml",
-            "demo_ldm3d.yaml", "ct_sr_ldm3d_gpu.yaml"} <= names
+            "demo_ldm3d.yaml", "ct_sr_ldm3d_gpu.yaml", "demo_classifier.yaml",
+            "classifier_gpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -50,6 +53,12 @@ def test_preset_resolves_and_builds_its_networks(preset):
             assert isinstance(vae, PatchVolume) == (cfg.data.dims == 3)
             return
         build_strategy(cfg.diffusion)
+        if cfg.task.kind == "classification":
+            image = Field("image", "image", 3 if cfg.data.color == "rgb" else 1)
+            task = LabelDiffusionTask(cfg.task, cfg.classifier, image, ["a", "b", "c"], cfg.data.image_size)
+            net = build_network(cfg, task)
+            assert net.denoiser.output[-1].out_channels == 3
+            return
         if cfg.data.kind == "latent_cache":
             # The cache describes its fields; a latent is an image of the autoencoder's latent channels.
             source = fields_from_config(cfg.data.__class__(**{**cfg.data.__dict__, "kind": cfg.latent.source_kind}))

@@ -250,7 +250,9 @@ def load_checkpoint(path: Path, model, optimizer, lr_scheduler, ema,
             weights_file, optim_file, sched_file = _files_of(name)
             set_model_state_dict(net, load_file(path / weights_file), options=load_options())
             optim_state = torch.load(path / optim_file, map_location="cpu", weights_only=True)
-            set_optimizer_state_dict(net, opt, optim_state, options=load_options())
+            # Not strict: parameters that never had a gradient (the label denoiser while a classification run's
+            # first stage trains) have no optimizer state yet.
+            set_optimizer_state_dict(net, opt, optim_state, options=load_options(strict=False))
             sched.load_state_dict(json.loads((path / sched_file).read_text()))
         if ema is not None:
             ema.load_full_state_dict(bare_module(model), load_file(path / "ema.safetensors"))

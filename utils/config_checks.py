@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate.utils import PrecisionType
 
 import diffusion
-from data import DEMOS, KINDS, class_folders, nifti, tiles
+from data import DEMOS, KINDS, check_demo_root, class_folders, nifti, tiles
 from data.degrade import check_degrade_config
 from models.autoencoder import check_autoencoder_config
 from models.losses import AdversarialLoss, ReconstructionLoss
@@ -72,6 +72,7 @@ def check_config(cfg: Config, denoiser: bool = True) -> None:
     _choice(cfg, "logging.wandb_mode", WANDB_MODES)
     _choice(cfg, "eval.split", ("val", "test"))
     _choice(cfg, "latent.scaling", ("std", "codebook_minmax"))
+    _choice(cfg, "task.kind", ("generation", "classification"))
     if cfg.training.compile:
         import torch._dynamo  # imported only when asked for: it takes a second
         _choice(cfg, "training.compile_backend", torch._dynamo.list_backends(exclude_tags=()))
@@ -127,6 +128,8 @@ def check_config(cfg: Config, denoiser: bool = True) -> None:
         if DEMOS[cfg.data.demo][1] != source_kind:
             raise ConfigError(f"data.demo={cfg.data.demo} builds a {DEMOS[cfg.data.demo][1]} dataset, not "
                               f"{source_kind}; set data.kind={DEMOS[cfg.data.demo][1]} or data.demo=''")
+        if not Path(cfg.data.root).exists():  # before the run folder is made: a mistyped root is no demo request
+            check_demo_root(cfg.data.demo, Path(cfg.data.root))
     {"tiles": tiles, "class_folders": class_folders}.get(source_kind, nifti)._check_config(cfg.data)  # reader checks
     check_degrade_config(cfg.data.degrade)
     if volumes and denoiser:  # the shapes the UNet3D sees: held-out volumes and training patches
@@ -145,6 +148,15 @@ def check_config(cfg: Config, denoiser: bool = True) -> None:
         raise ConfigError(f"diffusion.guidance_scale={cfg.diffusion.guidance_scale} needs a null condition, which "
                           "task.cond_drop_prob=0 never trains; set task.cond_drop_prob (e.g. 0.1) or "
                           "diffusion.guidance_scale=1")
+    if (cfg.task.kind == "classification") != (cfg.data.kind == "class_folders"):
+        raise ConfigError(f"task.kind={cfg.task.kind} with data.kind={cfg.data.kind}: classification runs on "
+                          "class folders, and class folders are only classified; set both or neither")
+    if cfg.task.kind == "classification":
+        from models.classifier import check_classifier_config  # imports transformers: only when classifying
+        check_classifier_config(cfg.classifier, cfg.data.image_size)
+        if cfg.classifier.aux_steps >= cfg.training.max_steps:
+            raise ConfigError(f"classifier.aux_steps={cfg.classifier.aux_steps} leaves no step of training.max_steps="
+                              f"{cfg.training.max_steps} for the label diffusion; lower it or raise max_steps")
     if cfg.task.perceptual_weight > 0 and not cfg.vae.perceptual_network:
         raise ConfigError("task.perceptual_weight > 0 needs vae.perceptual_network, the local TorchScript feature "
                           "network it compares images with")

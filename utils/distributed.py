@@ -18,9 +18,9 @@ def full_state_options() -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def load_options() -> StateDictOptions:
+def load_options(strict: bool = True) -> StateDictOptions:
     """A full state dict is broadcast from rank 0 under torch.distributed; a single process loads it directly."""
-    return StateDictOptions(full_state_dict=is_distributed(), broadcast_from_rank0=is_distributed())
+    return StateDictOptions(full_state_dict=is_distributed(), broadcast_from_rank0=is_distributed(), strict=strict)
 
 
 def shard(num_items: int, rank: int, world_size: int) -> range:

@@ -28,6 +28,15 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(self.shadow, params, 1.0 - self.current_decay(step))
 
+    @torch.no_grad()
+    def apply_to(self, model: torch.nn.Module, parameters) -> None:
+        """Load the average of `parameters` (some of `model`'s) into them: for a part frozen from now on, whose
+        weights then equal their average for good."""
+        chosen = {id(p) for p in parameters}
+        for p, s in zip(model.parameters(), self.shadow):
+            if id(p) in chosen:
+                p.copy_(s)
+
     @contextmanager
     @torch.no_grad()
     def swapped(self, model: torch.nn.Module):

@@ -18,6 +18,7 @@ from data.arrays import to_device
 from diffusion.generate import generate, item_noise, item_uniform
 from diffusion.task import Field, Task
 from utils import metrics
+from utils.classification import classification_scores, uncertainty_auroc
 from utils.distributed import gather_objects, shard
 
 
@@ -66,12 +67,18 @@ def heldout_loss(strategy, net, task: Task, dataset, indices: Sequence[int], bat
     return out
 
 
-def _region_of(region_mask: str, item: dict, shape) -> Optional[torch.Tensor]:
-    """The item's region-of-interest mask (1, 1, *spatial) bool, when a mask of the scored size is available."""
+def _labels_of(region_mask: str, item: dict, shape) -> Optional[np.ndarray]:
+    """The item's region mask labels (1, *spatial), when a mask of the scored size is available."""
     labels = item["condition"].get(region_mask, item["reference"].get(region_mask)) if region_mask else None
     if labels is None or tuple(labels.shape[1:]) != tuple(shape[2:]):
         return None  # e.g. a latent-size mask cannot select pixels of the decoded image
-    return torch.from_numpy(labels)[None] > 0
+    return labels
+
+
+def _region_of(region_mask: str, item: dict, shape) -> Optional[torch.Tensor]:
+    """The item's region-of-interest mask (1, 1, *spatial) bool, when a mask of the scored size is available."""
+    labels = _labels_of(region_mask, item, shape)
+    return None if labels is None else torch.from_numpy(labels)[None] > 0
 
 
 def _slices(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +122,8 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
     """Metrics of one sampled item (see `sample_items`) against its reference, for each scored field.
 
     Images: SSIM, PSNR, MAE, MSE (`image_scores`: volumes slice-wise, plus ssim_3d and psnr_3d), the same inside/
-    outside `region_mask` when one of the scored size is available, and the same again for the degraded input
+    outside `region_mask` when one of the scored size is available with the sharpness of the image on that mask's
+    label boundaries against the reference's (`boundary_sharpness`, 1 = as sharp), and the same again for the degraded input
     against the reference (`input_ssim`, ...) when the item's condition is an image of the reference's shape: the
     baseline a restoration model must beat; in latent space also for the reference's own latent decoded
     (`autoencoder_ssim`, ...): the ceiling the autoencoder sets. Masks: Dice per label. Several samples per item:
@@ -138,6 +146,7 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
             scores.update({f"dice{suffix}_{label}": v for label, v in enumerate(dice.tolist(), start=1)})
         elif ref is not None:
             ref = torch.from_numpy(ref)[None].float()
+            labels = _labels_of(region_mask, item, ref.shape)
             region = _region_of(region_mask, item, ref.shape)
             regions = {"": None}
             if region is not None:
@@ -152,6 +161,9 @@ def score_item(fields: Sequence[Field], item: dict, data_range: float, region_ma
                 for name, mask in regions.items():
                     for metric, value in image_scores(candidate, ref, data_range, mask).items():
                         scores[f"{prefix}{metric}{suffix}{name}"] = value
+                if labels is not None:  # edge sharpness where the mask's labels change, against the reference's
+                    scores[f"{prefix}boundary_sharpness{suffix}"] = metrics.boundary_sharpness(
+                        candidate[0].numpy(), ref[0].numpy(), labels)
                 if hu_per_unit > 0:
                     per_slice = (candidate - ref).abs() if candidate.dim() == 4 else _slices(candidate - ref).abs()
                     scores[f"{prefix}mae_hu{suffix}"] = float(per_slice.double().mean()) * hu_per_unit
@@ -316,3 +328,56 @@ def sample_items(strategy, net, task: Task, dataset, indices: Sequence[int], bat
         if progress is not None:
             progress.update(min(real * accelerator.num_processes, progress.total - progress.n))
     return sorted((r for part in gather_objects(results) for r in part), key=lambda r: r["index"])
+
+
+@torch.no_grad()
+def classify_items(strategy, net, task, dataset, indices: Sequence[int], batch_size: int, seed: int, steps: int,
+                   accelerator, samples_per_item: int = 1, progress=None) -> list[dict]:
+    """The auxiliary classifier's and, with `steps` > 0, the label diffusion's class probabilities of every item in
+    `indices` (sample s of item i starts from noise seeded by seed + s, i), on every process in index order.
+
+    Returns one dict per item: index, item_id, label, global and local (the auxiliary heads' probabilities, (K,)),
+    auxiliary (their mean, the auxiliary classifier's prediction) and, with steps > 0, samples (S, K).
+    """
+    results = []
+    for idx, real, batch in sharded_batches(dataset, indices, batch_size, accelerator.process_index,
+                                            accelerator.num_processes, accelerator.device):
+        global_probs, local_probs = task.auxiliary_probabilities(batch["image"])
+        samples = []
+        for s in range(samples_per_item if steps > 0 else 0):
+            with accelerator.autocast():
+                x0 = generate(strategy, net, task, batch, idx, seed + s, steps, accelerator.device)
+            samples.append(task.probabilities(x0, batch).cpu().numpy())
+        for j in range(real):
+            item = {"index": idx[j], "item_id": batch["item_id"][j], "label": int(batch["label"][j]),
+                    "global": global_probs[j].cpu().numpy(), "local": local_probs[j].cpu().numpy()}
+            item["auxiliary"] = (item["global"] + item["local"]) / 2
+            if samples:
+                item["samples"] = np.stack([sample[j] for sample in samples])
+            results.append(item)
+        if progress is not None:
+            progress.update(min(real * accelerator.num_processes, progress.total - progress.n))
+    return sorted((r for part in gather_objects(results) for r in part), key=lambda r: r["index"])
+
+
+def item_prediction(item: dict) -> tuple[np.ndarray, float]:
+    """An item's label-diffusion probabilities (the mean over its samples) and uncertainty: the spread of its
+    samples, the standard deviation over samples of each class probability averaged over classes (0 for one)."""
+    samples = item["samples"].astype(np.float64)
+    return samples.mean(axis=0), float(samples.std(axis=0).mean())
+
+
+def classification_summary(items: list[dict], num_classes: int) -> dict[str, float]:
+    """Scores of the auxiliary classifier (`aux_` names) and, when the items were sampled, of the label
+    diffusion, plus how well its uncertainty flags its errors (`uncertainty_error_auroc`)."""
+    labels = np.array([it["label"] for it in items])
+    summary = {f"aux_{k}": v for k, v in classification_scores(
+        labels, np.stack([it["auxiliary"] for it in items]), num_classes).items()}
+    if "samples" in items[0]:
+        probabilities, uncertainty = zip(*map(item_prediction, items))
+        probabilities = np.stack(probabilities)
+        summary.update(classification_scores(labels, probabilities, num_classes))
+        summary["uncertainty_mean"] = float(np.mean(uncertainty))
+        summary["uncertainty_error_auroc"] = uncertainty_auroc(np.array(uncertainty),
+                                                               probabilities.argmax(1) == labels)
+    return summary

@@ -49,7 +49,11 @@ def save_diffusers_model(model, state: dict, folder: Path) -> None:
 
 
 def _save_denoiser(denoiser, state: dict, folder: Path) -> None:
-    """`unet/` in diffusers format plus the vector-condition table (read back by models.unet2d.load_denoiser)."""
+    """`unet/` in diffusers format plus the vector-condition table (read back by models.unet2d.load_denoiser); a
+    label-diffusion classifier writes its own files (models.classifier.LabelDiffusionClassifier.save_export)."""
+    if hasattr(denoiser, "save_export"):
+        denoiser.save_export(state, folder)
+        return
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     save_diffusers_model(denoiser.unet, unet, folder / "unet")
     if denoiser.vector_embedding is not None:

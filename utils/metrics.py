@@ -279,6 +279,42 @@ def dice_per_label(pred_labels: Tensor, ref_labels: Tensor, num_labels: int) -> 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration check.
 
+def label_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Where a label map changes: bool of the map's shape, true on both sides of every change between neighbours
+    along any axis (background to tissue and between tissues alike)."""
+    edges = np.zeros(labels.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        change = np.diff(labels, axis=axis) != 0
+        before = [slice(None)] * labels.ndim
+        after = [slice(None)] * labels.ndim
+        before[axis], after[axis] = slice(None, -1), slice(1, None)
+        edges[tuple(before)] |= change
+        edges[tuple(after)] |= change
+    return edges
+
+
+def gradient_magnitude(image: np.ndarray) -> np.ndarray:
+    """|grad| of a (C, *spatial) image by central differences, the channels' squares summed: (*spatial)."""
+    image = np.asarray(image, dtype=np.float64)
+    squares = sum(np.square(g) for c in image for g in np.gradient(c))
+    return np.sqrt(squares)
+
+
+def boundary_sharpness(generated: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> float:
+    """Mean gradient magnitude of `generated` on the boundaries of a label map, over the reference's there.
+
+    1 means edges as sharp as the reference's, below 1 blurred, above 1 over-sharpened or noisy. Images are
+    (C, *spatial), labels (*spatial) or (1, *spatial). NaN when the labels have no boundary or the reference is
+    flat on it.
+    """
+    labels = np.asarray(labels).reshape(np.shape(generated)[1:])
+    edges = label_boundaries(labels)
+    reference_edge = gradient_magnitude(reference)[edges].mean() if edges.any() else 0.0
+    if reference_edge == 0:
+        return float("nan")
+    return float(gradient_magnitude(generated)[edges].mean() / reference_edge)
+
+
 def check_data_range(data_range: float, *tensors: Tensor, name: str = "data_range") -> None:
     """Raise ConfigError when `data_range` does not describe the intensities of `tensors`.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +17,11 @@ from typing import Optional
 import yaml
 
 EVALUATION_HEADING = "## Evaluation"
+# data.demo -> what its images were made from.
+DEMO_SOURCES = {"mni152": "nilearn's MNI152 template (synthetic, one subject)",
+                "mni152_ct": "nilearn's MNI152 template as pseudo-CT (synthetic, one subject)",
+                "ihc": "scikit-image's immunohistochemistry image (one slide)",
+                "ihc_classes": "tiles of scikit-image's immunohistochemistry image (one slide)"}
 
 
 def training_command(script: str, argv: Optional[list[str]]) -> str:
@@ -51,8 +57,12 @@ def _split_summary(run_dir: Path) -> str:
 
 def _what(cfg, kind: str) -> tuple[str, list[str], str]:
     """(one sentence, tags, pipeline tag) for a diffusion model or an autoencoder."""
-    dims = f"{cfg.data.dims}d" if cfg.data.kind != "tiles" else "2d"
+    dims = f"{cfg.data.dims}d" if cfg.data.kind == "nifti" else "2d"
     modality = "ct" if cfg.data.normalization == "ct" else ("pathology" if cfg.data.kind == "tiles" else "mri")
+    if cfg.task.kind == "classification":
+        sentence = ("A label-diffusion image classifier (DiffMIC-v2 style): a frozen auxiliary classifier's priors "
+                    "refined by DDPM on label maps.")
+        return sentence, ["medical-imaging", "2d", "image-classification", "label-diffusion"], "image-classification"
     if kind == "autoencoder":
         sentence = (f"A {cfg.vae.kind.upper()} autoencoder of {', '.join(cfg.vae.inputs)} "
                     f"({'volumes' if cfg.data.dims == 3 else 'images'}) for latent diffusion.")
@@ -73,14 +83,17 @@ def model_card(cfg, run_dir: Path, argv: Optional[list[str]], kind: str = "diffu
     """The card's text for the run in `run_dir` (config `cfg`, script arguments `argv`), a diffusion model or an
     autoencoder."""
     sentence, tags, pipeline_tag = _what(cfg, kind)
-    header = yaml.safe_dump({"library_name": "diffusers", "tags": tags, "pipeline_tag": pipeline_tag},
-                            sort_keys=False)
+    classifier = cfg.task.kind == "classification"
+    # A classifier's export is two PyTorch networks in safetensors, not a diffusers model.
+    header = yaml.safe_dump({"library_name": "pytorch" if classifier else "diffusers", "tags": tags,
+                             "pipeline_tag": pipeline_tag}, sort_keys=False)
     data = cfg.data
-    source = f"the `{data.demo}` demo dataset built from templates that ship with nilearn (synthetic, one subject)" \
+    source = f"the `{data.demo}` demo dataset built from {DEMO_SOURCES.get(data.demo, 'package-shipped data')}" \
         if data.demo else f"`{data.root}`"
     data_lines = [f"- Source: {source}; kind `{data.kind}`" + (f" (from `{cfg.latent.source_kind}`)"
                                                                if data.kind == "latent_cache" else ""),
-                  f"- Images {list(data.images)}, masks {list(data.masks)}, normalisation `{data.normalization}`"
+                  (f"- Class folders, {data.color} images" if classifier else
+                   f"- Images {list(data.images)}, masks {list(data.masks)}") + f", normalisation `{data.normalization}`"
                   + (f" (window {list(data.ct_window)} HU)" if data.normalization == "ct" else ""),
                   f"- Items: {'volumes ' + str(list(data.volume_shape)) if data.dims == 3 else f'{data.image_size} px'}"
                   + (f", voxel spacing {list(data.spacing)} mm" if data.spacing else "")]
@@ -95,6 +108,13 @@ def model_card(cfg, run_dir: Path, argv: Optional[list[str]], kind: str = "diffu
         model = (f"`{cfg.vae.kind}`, widths {list(cfg.vae.block_out_channels)}, "
                  f"{cfg.vae.latent_channels} latent channels")
         load = "from models.autoencoder import FrozenAutoencoder\nvae = FrozenAutoencoder.load(\"final\")"
+    elif classifier:
+        c = cfg.classifier
+        model = (f"auxiliary classifier (ResNet widths {list(c.backbone_widths)}, depths {list(c.backbone_depths)}; "
+                 f"{c.aux_steps} steps), label denoiser of width {c.feature_dim} on {c.prior_size} x {c.prior_size} "
+                 f"label maps, strategy `{cfg.diffusion.strategy}` (objective `{cfg.diffusion.objective}`)")
+        load = ("from models.classifier import LabelDiffusionClassifier\n"
+                "net = LabelDiffusionClassifier.load_export(\"final\")  # classes and inputs: final/task.yaml")
     else:
         model = (f"UNet widths {list(cfg.model.block_out_channels)}, strategy `{cfg.diffusion.strategy}`"
                  + (f" (objective `{cfg.diffusion.objective}`)" if cfg.diffusion.strategy == "ddpm" else ""))
@@ -105,8 +125,8 @@ def model_card(cfg, run_dir: Path, argv: Optional[list[str]], kind: str = "diffu
     metric_lines = [f"| `{name}` | {value:.4g} | {step} |" for name, (step, value) in sorted(validation.items())]
     limits = ["- Research use only; not a medical device and not validated for any clinical decision."]
     if data.demo:
-        limits.append("- Trained on a synthetic demo built from one template subject: a test that the code runs, "
-                      "not a model to use.")
+        limits.append(f"- Trained on a demo built from {DEMO_SOURCES.get(data.demo, 'package-shipped data')}: a test "
+                      "that the code runs, not a model to use.")
     if split and "slice" in split:
         limits.append("- One subject, split by slabs of slices: neighbouring slices correlate, so held-out scores are "
                       "optimistic.")
@@ -124,8 +144,11 @@ def model_card(cfg, run_dir: Path, argv: Optional[list[str]], kind: str = "diffu
 def with_evaluation(card: str, report: dict, settings_note: str = "") -> str:
     """The card with its Evaluation section (evaluate.py's report.json means) replaced or added."""
     card = card.split(f"\n{EVALUATION_HEADING}\n")[0].rstrip() + "\n"
-    rows = [f"| `{name}` | {value['mean']:.4g} | {value['n']} |" for name, value in sorted(report["metrics"].items())
-            if isinstance(value, dict) and value.get("mean") is not None]
+    # Per-item metrics report their mean over items, set-level ones (F1, AUC) their value over the set.
+    values = {name: value.get("mean", value.get("value")) for name, value in report["metrics"].items()
+              if isinstance(value, dict)}
+    rows = [f"| `{name}` | {values[name]:.4g} | {report['metrics'][name]['n']} |" for name in sorted(values)
+            if values[name] is not None and math.isfinite(values[name])]
     settings = report.get("settings", {})
     described = ", ".join(f"{k} {settings[k]}" for k in ("weights", "split", "sampler", "sampling_steps")
                           if k in settings)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from utils.checkpoint import restore_interrupted_replacements, resolve_resume, save_checkpoint
@@ -32,8 +33,11 @@ def start_training_run(cfg: Config):
     """
     run_dir = Path(cfg.run.output_dir)
     trackers = accelerate_trackers(cfg.logging)
+    # A classification run trains its auxiliary classifier, then its label denoiser: each stage leaves the other's
+    # parameters without gradients, which DDP must be told to expect.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.task.kind == "classification")
     accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, log_with=trackers or None,
-                              project_dir=str(run_dir / "logs"))
+                              project_dir=str(run_dir / "logs"), kwargs_handlers=[ddp])
     check_launch(accelerator)
     logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
     set_num_threads(cfg.run.num_threads, logger)

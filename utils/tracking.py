@@ -6,6 +6,7 @@ steps run again, so every (step, name) appears once across any number of interru
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Optional
@@ -45,16 +46,22 @@ class MetricsLog:
         if self.path.exists() and resume_step is not None:
             with self.path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        lines = ["step,name,value"] + [f"{r['step']},{r['name']},{r['value']}" for r in rows]
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["step", "name", "value"])
+        writer.writerows([r["step"], r["name"], r["value"]] for r in rows)
+        atomic_write_text(self.path, text.getvalue())
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        values = {k: float(v) for k, v in values.items()}
+    def log(self, values: dict[str, float | str], step: int) -> None:
+        """Numbers, and text such as item ids (a quoted CSV cell; TensorBoard and wandb show it as text)."""
+        values = {k: v if isinstance(v, str) else float(v) for k, v in values.items()}
         if not values:
             return
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.writelines(f"{step},{name},{value:.8g}\n" for name, value in values.items())
+            with self.path.open("a", newline="") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerows([step, name, value if isinstance(value, str) else f"{value:.8g}"]
+                                 for name, value in values.items())
         if self.trackers:
             self.accelerator.log(values, step=step)
 

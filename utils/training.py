@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from utils.config import ConfigError, TrainingConfig
+from utils.distributed import gather_objects, is_distributed
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "one_cycle")
 
@@ -121,6 +122,9 @@ class NonFiniteGuard:
                 f"gradient; the last good checkpoint is kept in {self.checkpoints} ({self.hint})")
 
 
+WORST_BATCH = "worst_batch"  # RunningMeans.state_dict() key of the worst micro-batch since the last log
+
+
 class RunningMeans:
     """Per-metric sums and step counts kept on the device between logs, so logging syncs once per log.
 
@@ -130,7 +134,11 @@ class RunningMeans:
 
     def __init__(self, device, saved: Optional[dict] = None):
         self.device = device
-        self.sums = {k: (torch.tensor(total, device=device), n) for k, (total, n) in (saved or {}).items()}
+        saved = dict(saved or {})
+        worst = saved.pop(WORST_BATCH, None)
+        self.sums = {k: (torch.tensor(total, device=device), n) for k, (total, n) in saved.items()}
+        # (mean loss on the device, item ids) of each micro-batch since the last log (see add_batch).
+        self.batches = [(torch.tensor(worst["loss"], device=device), worst["items"])] if worst else []
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for name, value in values.items():
@@ -151,8 +159,39 @@ class RunningMeans:
         self.sums = {}
         return means
 
+    def add_batch(self, loss: torch.Tensor, item_ids: list[str]) -> None:
+        """Remember a micro-batch's mean loss and its items: the worst since the last log is logged by id."""
+        self.batches.append((loss.detach().float(), list(item_ids)))
+
+    def pop_worst_batch(self) -> dict:
+        """{"worst_batch_loss", "worst_batch_items" (space-separated ids)} of the micro-batch with the highest loss
+        on any process since the last call, then start again. Every process must call it (it gathers)."""
+        worst = self._worst_everywhere()
+        self.batches = []
+        if worst is None:
+            return {}
+        return {"worst_batch_loss": worst["loss"], "worst_batch_items": " ".join(worst["items"])}
+
+    def _worst_everywhere(self) -> Optional[dict]:
+        local = None
+        if self.batches:
+            # Finite losses only, as in the averages: skipped steps are counted in train/nonfinite_steps, and
+            # DEBUG logging names every micro-batch's items.
+            losses = torch.stack([loss for loss, _ in self.batches])
+            losses = torch.where(losses.isfinite(), losses, -math.inf)
+            index = int(losses.argmax())  # one host sync
+            if math.isfinite(float(losses[index])):
+                local = {"loss": float(losses[index]), "items": self.batches[index][1]}
+        candidates = [c for c in gather_objects(local) if c is not None]
+        return max(candidates, key=lambda c: c["loss"], default=None)
+
     def state_dict(self) -> dict:
-        return {name: [float(total), float(n)] for name, (total, n) in self.sums.items()}
+        """Sums and counts, and the worst batch over all processes so far (every process must call it)."""
+        state = {name: [float(total), float(n)] for name, (total, n) in self.sums.items()}
+        worst = self._worst_everywhere() if self.batches or is_distributed() else None
+        if worst is not None:
+            state[WORST_BATCH] = worst
+        return state
 
 
 def training_batches(dataset, cfg: TrainingConfig, data_cfg, accelerator, seed: int, step: int,
