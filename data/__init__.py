@@ -104,8 +104,8 @@ def build_datasets(cfg: DataConfig, run_dir: Path, seed: int, *,
         datasets = {name: dataset.dataset(items[name], name) for name in names}
     else:
         datasets = {name: dataset.subset(items[name]) for name in names}
-    logger.info("split (%s): %s", split["unit"],
-                ", ".join(f"{len(datasets[n])} {n}" for n in names) + f" {unit}")
+    logger.info("split (%s): %s (%s)", split["unit"],
+                ", ".join(f"{len(datasets[n])} {n}" for n in names) + f" {unit}", split.get("note", ""))
     return datasets
 
 

@@ -40,6 +40,9 @@ def split_by_subject(subject_ids: Sequence[str], val_fraction: float, test_fract
     if count - num_val - num_test < 1:
         raise ConfigError(f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) leave no "
                           f"training subject out of {count}")
+    if test_fraction > 0 and num_test == 0:
+        get_logger().warning("data.test_fraction=%g: %d subjects are too few for a test subject beside the "
+                             "validation and training ones; the test split is empty", test_fraction, count)
     order = [subject_ids[i] for i in np.random.default_rng(seed).permutation(count)]
     val, test, train = order[:num_val], order[num_val:num_val + num_test], order[num_val + num_test:]
     note = (f"split by subject with seed {seed}: {len(train)} train, {len(val)} val, {len(test)} test "
