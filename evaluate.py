@@ -165,7 +165,8 @@ def main(argv=None):
     cfg.data.demo = ""  # evaluation reads the data the run trained on; it never builds a dataset
     bundle = load_data(cfg, run_dir, is_main_process=False, device=accelerator.device)
     if ev.split not in bundle.datasets:
-        raise ConfigError(f"eval.split={ev.split}: the run has no such split (data.test_fraction is 0)")
+        raise ConfigError(f"eval.split={ev.split}: the run has no such split (data.test_fraction is 0, or class "
+                          "folders without <data.root>/test/)")
     task = build_task(cfg, bundle)
     strategy = build_strategy(cfg.diffusion)
     net = load_weights(run_dir, ev.weights, cfg, task).to(accelerator.device).eval()
