@@ -37,20 +37,25 @@ def _cases():
 CASES = _cases()
 
 
-@pytest.mark.parametrize("name, labels, predictions, k", CASES, ids=[c[0] for c in CASES])
-def test_hard_prediction_metrics_equal_sklearn(name, labels, predictions, k):
-    with warnings.catch_warnings():  # sklearn warns about absent classes, which is what these cases test
+def sklearn_hard_scores(labels, predictions, k: int) -> dict[str, float]:
+    """scikit-learn's scores of hard predictions, under the names utils.classification reports them by."""
+    with warnings.catch_warnings():  # sklearn warns about absent classes, which some cases test
         warnings.simplefilter("ignore")
-        expected = {
+        return {
             "accuracy": sk.accuracy_score(labels, predictions),
-            "balanced": sk.balanced_accuracy_score(labels, predictions),
+            "balanced_accuracy": sk.balanced_accuracy_score(labels, predictions),
             "precision": sk.precision_score(labels, predictions, average="macro", zero_division=0),
             "recall": sk.recall_score(labels, predictions, average="macro", zero_division=0),
             "f1": sk.f1_score(labels, predictions, average="macro", zero_division=0),
             "kappa": sk.cohen_kappa_score(labels, predictions, weights="quadratic", labels=list(range(k))),
         }
-    ours = {"accuracy": accuracy(labels, predictions, k), "balanced": balanced_accuracy(labels, predictions, k),
-            "precision": macro_precision(labels, predictions, k), "recall": macro_recall(labels, predictions, k),
+
+
+@pytest.mark.parametrize("name, labels, predictions, k", CASES, ids=[c[0] for c in CASES])
+def test_hard_prediction_metrics_equal_sklearn(name, labels, predictions, k):
+    expected = sklearn_hard_scores(labels, predictions, k)
+    ours = {"accuracy": accuracy(labels, predictions, k),
+            "balanced_accuracy": balanced_accuracy(labels, predictions, k), "precision": macro_precision(labels, predictions, k), "recall": macro_recall(labels, predictions, k),
             "f1": macro_f1(labels, predictions, k), "kappa": quadratic_kappa(labels, predictions, k)}
     for metric, value in expected.items():
         assert ours[metric] == pytest.approx(value, abs=1e-12, nan_ok=True), metric
