@@ -3,7 +3,8 @@
     accelerate launch evaluate.py --run runs/demo [eval.weights=best-val_ssim eval.num_items=64 ...]
 
 Every item has a fixed global index and its own seed, so the numbers do not depend on batch size or on the
-number of processes. Writes <run>/eval/report.json, per_item.csv, samples/<item>.npz and PNG figures.
+number of processes. Writes report.json, per_item.csv, samples/<item>.npz and PNG figures (with eval.save_nifti also
+nifti/<subject>/*.nii.gz) to <run>/eval/<weights>-<sampler><steps>/, e.g. eval/final-ddim50/.
 """
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ from utils import metrics
 from utils.checkpoint import atomic_write_text
 from utils.config import ConfigError
 from utils.distributed import check_launch
+from utils.eval_folder import evaluation_folder, start_folder
 from utils.classification import confusion_figure, confusion_matrix
+from utils.export import exported_step
 from utils.evaluation import (SeedItems, classification_summary, classify_items, evenly_spaced, item_prediction,
                               pooled_uncertainty, sample_items, score_item, shown_condition, summarise,
                               uncertainty_maps)
 from utils.logging import setup_logging
 from utils.model_card import with_evaluation
-from utils.visualization import (comparison_grid, denoising_strip, figure_array, metric_curves, overlay_contours,
-                                 uncertainty_grid, volume_figure)
+from utils.nifti_export import nifti_grids, write_nifti
+from utils.visualization import (comparison_grid, dataset_label_names, denoising_strip, figure_array, metric_curves,
+                                 metric_note, overlay_contours, uncertainty_grid, volume_figure)
 
 MAX_VOLUME_FIGURES = 4  # held-out volumes drawn as montage, orthogonal views and MIPs
 
@@ -96,17 +100,29 @@ def write_outputs(out: Path, items: list[dict], scores: list[dict], report: dict
 
 
 def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict, shown: Field,
-            paired: bool, spacing=(1.0, 1.0, 1.0), hu_per_unit: float = 0.0) -> None:
-    """comparison.png (condition | generated | reference | error, contours), denoising.png, training curves;
-    with several samples per item uncertainty.png (std over samples | |sample 1 - reference|); for volumes also
+            paired: bool, spacing=(1.0, 1.0, 1.0), hu_per_unit: float = 0.0, scores: list[dict] | None = None,
+            settings: dict | None = None, label_names: dict[int, str] | None = None) -> None:
+    """comparison.png (condition | generated | reference | error, contours; each row's metrics, a legend of the
+    mask labels, the weights, step and sampler in the title), denoising.png, training curves; with several samples
+    per item uncertainty.png (std over samples | |sample 1 - reference|); for volumes also
     volumes/<item>-montage.png, -orthogonal.png and -mip.png.
 
     Args:
         paired: whether the reference is the generated item's own ground truth (a spatial condition); a vector
             condition only shares the class make-up with its held-out tile, so no error map is drawn then.
         spacing: voxel size (D, H, W) in mm of volumes, for their aspect ratio.
-        hu_per_unit: Hounsfield units per normalised unit (> 0: uncertainty.png is drawn in HU).
+        hu_per_unit: Hounsfield units per normalised unit (> 0: error maps and uncertainty.png are drawn in HU).
+        scores: each item's metrics (score_item), written beside its row.
+        settings: report.json's settings (weights, split, sampler, sampling_steps), for the title.
+        label_names: mask label value -> class name, for the legend ("label <k>" where missing).
     """
+    scale, unit = (hu_per_unit, "HU") if hu_per_unit > 0 else (1.0, "normalised units")
+    title = ""
+    if settings:
+        step = exported_step(run_dir, settings["weights"])
+        title = (f"{run_dir.name}, {settings['split']} split: {settings['weights']} weights"
+                 f"{f' (step {step})' if step is not None else ''}, {settings['sampler']} sampler, "
+                 f"{settings['sampling_steps']} steps")
     rows, titles = [], []
     for item in items[:count]:
         row = {"generated": figure_array(item["generated"][0][shown.name])}
@@ -121,9 +137,10 @@ def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict
             row["reference" if paired else "held-out tile, same condition"] = figure_array(reference)
         rows.append(row)
         titles.append(item["item_id"])
-    comparison_grid(rows, out / "comparison.png", titles=titles)
+    notes = [metric_note(s, shown.name) for s in scores[:count]] if scores else None
+    comparison_grid(rows, out / "comparison.png", titles=titles, notes=notes, title=title, label_names=label_names,
+                    error_unit=unit, error_scale=scale)
     if uncertainty_maps(items[0], [shown]):  # several samples per item (none for a mask field)
-        scale, unit = (hu_per_unit, "HU") if hu_per_unit > 0 else (1.0, "normalised units")
         rows = []
         for item in items[:count]:
             row = {f"std over {len(item['generated'])} samples": uncertainty_maps(item, [shown])[shown.name]}
@@ -144,7 +161,7 @@ def figures(out: Path, run_dir: Path, items: list[dict], count: int, strip: dict
         for view in ("montage", "orthogonal", "mip"):
             volume_figure(volumes, out / "volumes" / f"{name}-{view}.png", view, title=item["item_id"],
                           spacing=spacing)
-    denoising_strip(strip["x0"], strip["t"], out / "denoising.png")
+    denoising_strip(strip["x0"], strip["t"], out / "denoising.png", item_id=strip["item_id"])
     if (run_dir / "metrics.csv").is_file():
         metric_curves(run_dir / "metrics.csv", out / "training_curves.png")
 
@@ -160,20 +177,24 @@ def main(argv=None):
     logger = setup_logging(cfg.run.log_level, accelerator.is_main_process)
     if not (run_dir / "split.json").is_file():
         raise ConfigError(f"run directory {run_dir} has no split.json; it is written when training starts")
+    # The sampler names the output folder, which is refused before anything is loaded when it holds a report.
+    strategy = build_strategy(cfg.diffusion)
+    out = evaluation_folder(run_dir, ev, strategy.sampler)
 
-    # Data, task, weights, strategy.
+    # Data, task, weights.
     cfg.data.demo = ""  # evaluation reads the data the run trained on; it never builds a dataset
     bundle = load_data(cfg, run_dir, is_main_process=False, device=accelerator.device)
     if ev.split not in bundle.datasets:
         raise ConfigError(f"eval.split={ev.split}: the run has no such split (data.test_fraction is 0, or class "
                           "folders without <data.root>/test/)")
     task = build_task(cfg, bundle)
-    strategy = build_strategy(cfg.diffusion)
     net = load_weights(run_dir, ev.weights, cfg, task).to(accelerator.device).eval()
     reference_set = bundle.datasets[ev.split]
+    # Refused now rather than after sampling: NIfTI outputs of items that have no place in a scan.
+    grids = nifti_grids(cfg, task, reference_set) if ev.save_nifti else None
     if task.kind == "classification":
         task.auxiliary = net.auxiliary
-        return evaluate_classifier(cfg, run_dir, task, strategy, net, reference_set, accelerator, logger)
+        return evaluate_classifier(cfg, run_dir, out, task, strategy, net, reference_set, accelerator, logger)
     scored = pixel_references(bundle, task)
     data_range = ev.data_range or reference_set.data_range
     if ev.data_range:
@@ -219,7 +240,7 @@ def main(argv=None):
 
     # Write (one writer).
     if accelerator.is_main_process:
-        out = run_dir / "eval"
+        start_folder(out)
         # Uncertainty entries get their pooled (all-pixel) value beside the per-item mean.
         pooled = pooled_uncertainty(paired, scored)
         summary = {k: {**v, **pooled.get(k, {})} for k, v in summarise(scores).items()}
@@ -231,22 +252,28 @@ def main(argv=None):
                                "seed": ev.seed, "num_processes": accelerator.num_processes,
                                "normalization": reference_set.normalization}}
         write_outputs(out, items, scores, report, scored)
+        if grids is not None:
+            written = write_nifti(out / "nifti", items, scored, grids, cfg.data, reference_set.normalization)
+            logger.info("wrote %d NIfTI volumes to %s", len(written), out / "nifti")
         card = run_dir / "final" / "README.md"
         if ev.weights == "final" and card.is_file():  # the shared export says how it evaluated
-            atomic_write_text(card, with_evaluation(card.read_text(), report))
+            note = f", files in `{out.relative_to(run_dir)}/`"
+            atomic_write_text(card, with_evaluation(card.read_text(), report, note))
         strip = denoising_trajectory(strategy, net, task, items_set, ev, accelerator.device, bundle.to_pixels,
                                      scored[0].name)
         figures(out, run_dir, items, ev.num_figures, strip, scored[0], paired=task.is_conditional,
-                spacing=display_spacing(cfg.data), hu_per_unit=hu_per_unit)
+                spacing=display_spacing(cfg.data), hu_per_unit=hu_per_unit, scores=scores,
+                settings=report["settings"], label_names=dataset_label_names(reference_set))
         logger.info("%s", ", ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None))
         logger.info("wrote %s", out)
     accelerator.wait_for_everyone()
 
 
-def evaluate_classifier(cfg, run_dir: Path, task, strategy, net, reference_set, accelerator, logger) -> None:
-    """Label diffusion and auxiliary classifier on the evaluated split: report.json (both classifiers' scores, and
-    how well the spread of eval.samples_per_item samples flags errors), per_item.csv (labels, predictions,
-    probabilities, uncertainty), confusion.png and confusion_auxiliary.png."""
+def evaluate_classifier(cfg, run_dir: Path, out: Path, task, strategy, net, reference_set, accelerator,
+                        logger) -> None:
+    """Label diffusion and auxiliary classifier on the evaluated split, written to `out`: report.json (both
+    classifiers' scores, and how well the spread of eval.samples_per_item samples flags errors), per_item.csv
+    (labels, predictions, probabilities, uncertainty), confusion.png and confusion_auxiliary.png."""
     ev = cfg.eval
     count = min(ev.num_items, len(reference_set)) if ev.num_items > 0 else len(reference_set)
     indices = evenly_spaced(len(reference_set), count)
@@ -257,8 +284,7 @@ def evaluate_classifier(cfg, run_dir: Path, task, strategy, net, reference_set, 
                            accelerator, ev.samples_per_item, progress)
     progress.close()
     if accelerator.is_main_process:
-        out = run_dir / "eval"
-        out.mkdir(parents=True, exist_ok=True)
+        start_folder(out)
         summary = classification_summary(items, task.num_classes)
         report = {"metrics": {name: {"value": value, "n": len(items)} for name, value in summary.items()},
                   "classes": task.class_names,
@@ -281,7 +307,8 @@ def evaluate_classifier(cfg, run_dir: Path, task, strategy, net, reference_set, 
             metric_curves(run_dir / "metrics.csv", out / "training_curves.png")
         card = run_dir / "final" / "README.md"
         if ev.weights == "final" and card.is_file():
-            atomic_write_text(card, with_evaluation(card.read_text(), report))
+            note = f", files in `{out.relative_to(run_dir)}/`"
+            atomic_write_text(card, with_evaluation(card.read_text(), report, note))
         logger.info("label diffusion: %s; auxiliary: %s",
                     ", ".join(f"{k} {summary[k]:.4f}" for k in ("accuracy", "f1", "auc_ovr", "kappa")),
                     ", ".join(f"{k} {summary['aux_' + k]:.4f}" for k in ("accuracy", "f1", "auc_ovr", "kappa")))
@@ -324,16 +351,18 @@ def distribution_scores(features, items: list[dict], scored: list[Field], refere
 
 @torch.no_grad()
 def denoising_trajectory(strategy, net, task: Task, items_set, ev, device, to_pixels, shown: str) -> dict:
-    """Predicted x0 along the sampling path of item 0, in pixel space (for the denoising strip figure)."""
-    batch = {k: (v[None].to(device) if torch.is_tensor(v) else [v]) for k, v in items_set[0].items()}
-    strip = {"x0": [], "t": []}
+    """Predicted x0 along the sampling path of item 0, in pixel space, at every step (the denoising strip figure
+    picks log-spaced ones), with the times and the item's id."""
+    item = items_set[0]
+    batch = {k: (v[None].to(device) if torch.is_tensor(v) else [v]) for k, v in item.items()}
+    strip = {"x0": [], "t": [], "item_id": item["item_id"]}
 
     def record(i, t, x_t, x0_pred):
         decoded = task.decode(x0_pred.float())
         if to_pixels is not None:
             decoded.update(to_pixels(decoded))
         strip["x0"].append(figure_array(decoded[shown][0].cpu().numpy()))
-        strip["t"].append(t)
+        strip["t"].append(float(t))
 
     generate(strategy, net, task, batch, [0], ev.seed, ev.sampling_steps, device, callback=record)
     return strip

@@ -42,7 +42,7 @@ from utils.run import Progress, StopSignals, checkpoint_if_due, start_training_r
 from utils.tracking import MetricsLog
 from utils.training import (NonFiniteGuard, RunningMeans, TrainingDiverged, build_lr_scheduler, build_optimizer,
                             compile_if_asked, seed_step, training_batches)
-from utils.visualization import comparison_grid, figure_array, volume_figure
+from utils.visualization import comparison_grid, dataset_label_names, figure_array, metric_note, volume_figure
 
 # Best-model folders: metric -> whether lower is better.
 BEST_METRICS = {"val/loss": True, "val/ssim": False, "val/f1": False}
@@ -88,23 +88,28 @@ def generation_results(step, cfg, strategy, net, task, bundle, accelerator, metr
         items = sample_items(strategy, net, task, val, indices, cfg.training.batch_size, cfg.run.seed,
                              cfg.validation.sampling_steps, cfg.diffusion.guidance_scale, accelerator,
                              scored=scored, to_pixels=bundle.to_pixels)
-        if task.is_conditional:
-            scores = mean_scores([score_item(scored, it, val.data_range, task.region_mask) for it in items])
-            results.update({f"val/{k}": v for k, v in scores.items()})
+        scores = [score_item(scored, it, val.data_range, task.region_mask) for it in items] \
+            if task.is_conditional else []
+        results.update({f"val/{k}": v for k, v in mean_scores(scores).items()})
         if accelerator.is_main_process:
             rows = [{"condition": shown_condition(it, scored[0].name),
                      "generated": it["generated"][0][scored[0].name],
                      "reference": it["reference"].get(scored[0].name)} for it in items]
             rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
             path = Path(cfg.run.output_dir) / "samples" / f"step-{step:07d}.png"
+            mean = metric_note(mean_scores(scores), scored[0].name)
+            title = f"step {step}, {strategy.sampler} {cfg.validation.sampling_steps} steps"
+            title += f": mean {mean}" if mean else ""
             if rows[0]["generated"].ndim == 4:  # (C, D, H, W): orthogonal views through the first volume
                 grid = rows[0]["generated"].shape
                 png = volume_figure({k: v[0] for k, v in rows[0].items() if v.shape[1:] == grid[1:]}, path,
-                                    "orthogonal",
-                                    title=f"{items[0]['item_id']}, step {step}", spacing=display_spacing(cfg.data))
-            else:
+                                    "orthogonal", title=f"{items[0]['item_id']}, {title}",
+                                    spacing=display_spacing(cfg.data))
+            else:  # items as columns: a compact grid whatever validation.num_samples is
                 png = comparison_grid([{k: figure_array(v) for k, v in r.items()} for r in rows], path,
-                                      titles=[it["item_id"] for it in items])
+                                      titles=[it["item_id"] for it in items], title=f"validation samples, {title}",
+                                      notes=[metric_note(s, scored[0].name) for s in scores] if scores else None,
+                                      label_names=dataset_label_names(val), items_as_columns=True)
             metrics_log.log_image("samples", png, step)
     return results
 

@@ -44,6 +44,15 @@ class Subject:
     channels: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class VolumeGrid:
+    """The voxel grid a subject's volumes are preprocessed onto (RAS axes, at data.spacing) and its items are cut
+    from: shape (X, Y, Z) and the voxel-to-mm affine, in the scanner space of the source file."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Discovery
 
@@ -330,6 +339,40 @@ def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch
     return x[0, 0]
 
 
+def grid_at_spacing(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float] | None) -> VolumeGrid:
+    """The grid that `resample` puts a RAS volume of `shape` and `affine` on for data.spacing (None: its own grid).
+
+    Without align_corners, interpolation puts the centre of output voxel j at input index (j + 0.5) * n_in / n_out
+    - 0.5; the affine says the same, so the voxel size it records is the effective one (data.spacing up to the
+    rounding of the shape).
+    """
+    shape = tuple(int(n) for n in shape[:3])
+    if spacing is None:
+        return VolumeGrid(shape, np.asarray(affine, dtype=np.float64))
+    voxel_size = nib.affines.voxel_sizes(affine)
+    target = tuple(max(1, round(n * v / s)) for n, v, s in zip(shape, voxel_size, spacing))
+    ratio = np.array(shape, dtype=np.float64) / np.array(target, dtype=np.float64)
+    index_map = np.diag([*ratio, 1.0])
+    index_map[:3, 3] = 0.5 * ratio - 0.5
+    return VolumeGrid(target, np.asarray(affine, dtype=np.float64) @ index_map)
+
+
+def header_grid(subject: Subject, cfg: DataConfig, root: Path) -> VolumeGrid:
+    """A subject's preprocessed grid from the header of its first image alone, without decoding any voxels: for
+    runs that never load the source volumes (a latent cache), the grid `load_subject_volumes` would use."""
+    path = subject.files[cfg.images[0]]
+    try:
+        image = nib.load(path)
+    except READ_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot read NIfTI file {_display(path, root)}: {message}") from None
+    shape = tuple(image.shape[:3])
+    # nibabel's own reorientation (the one load_volume applies) on a zero-strided stand-in of the voxel array.
+    stand_in = nib.Nifti1Image(np.broadcast_to(np.zeros((), np.uint8), shape), image.affine)
+    canonical = nib.as_closest_canonical(stand_in)
+    return grid_at_spacing(canonical.shape, canonical.affine, cfg.spacing)
+
+
 def normalize_image(volume: np.ndarray, cfg: DataConfig, name: str,
                     clip: Sequence[float] | None = None) -> tuple[np.ndarray, list[float]]:
     """Clip to the MRI percentiles (non-zero voxels) or the CT window, or to `clip` when given, then map
@@ -417,6 +460,45 @@ def fit_slices(slices: torch.Tensor, image_size: int, resize: bool, is_mask: boo
     return resized.clamp_(-1.0, 1.0)
 
 
+def unfit_slices(slices: torch.Tensor, plane: Sequence[int], resize: bool, is_mask: bool,
+                 fill: float) -> torch.Tensor:
+    """Undo `fit_slices`: (S, C, image_size, image_size) -> (S, C, *plane), `plane` the (H, W) of `to_slices`.
+
+    With `resize` the square is resized back (bilinear for images, nearest for masks, the same pixel centres as
+    on the way in), then the padding is cut off; without it, what centre-cropping cut off is `fill`.
+    """
+    if resize and slices.shape[-1] != max(plane):
+        side = (max(plane),) * 2
+        if is_mask:
+            slices = F.interpolate(slices.float(), size=side, mode="nearest-exact").to(slices.dtype)
+        else:
+            slices = F.interpolate(slices.float(), size=side, mode="bilinear", antialias=True, align_corners=False)
+    return pad_or_crop(slices, plane, fill)
+
+
+def from_slices(slices: torch.Tensor, axis: int) -> torch.Tensor:
+    """Undo `to_slices`: (S, C, H, W) slices -> a (C, X, Y, Z) RAS block whose S slices run along `axis`."""
+    planes = slices.transpose(-1, -2).flip(-2, -1)  # (S, C, A, B): the rotation and flip of to_slices undone
+    return planes.transpose(0, 1).movedim(1, axis + 1)
+
+
+def plane_shape(grid_shape: Sequence[int], axis: int) -> tuple[int, int]:
+    """(H, W) of the slices `to_slices` cuts from a volume of `grid_shape` along `axis`."""
+    a, b = (grid_shape[k] for k in range(3) if k != axis)
+    return b, a
+
+
+def place_slice(item_id: str, image, grid: VolumeGrid, slice_axis: int, resize: bool, is_mask: bool,
+                fill: float) -> tuple[tuple[slice, ...], torch.Tensor]:
+    """Where a 2D item's (C, image_size, image_size) image lies in its subject's grid and its values there:
+    (the index of the one-voxel-thick plane at the item's slice, a (C, *that plane's shape) block)."""
+    plane = unfit_slices(torch.as_tensor(image)[None], plane_shape(grid.shape, slice_axis), resize, is_mask, fill)
+    index = slice_index_of(item_id)
+    region = [slice(None)] * 3
+    region[slice_axis] = slice(index, index + 1)
+    return tuple(region), from_slices(plane, slice_axis)
+
+
 def keep_slices(slices: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
     """Boolean (S,) of the slices whose foreground fraction reaches cfg.min_foreground."""
     if cfg.filter_mask:
@@ -439,7 +521,8 @@ class SliceDataset(ArrayDataset):
     def __init__(self, arrays: dict[str, torch.Tensor], item_ids: list[str], image_names: list[str],
                  mask_names: list[str], normalization: dict,
                  clip_values: dict[str, dict[str, list[float]]] | None = None,
-                 mask_labels: dict[str, dict[int, str]] | None = None) -> None:
+                 mask_labels: dict[str, dict[int, str]] | None = None,
+                 grids: dict[str, VolumeGrid] | None = None) -> None:
         """
         Args:
             arrays: name -> (N, 1, H, W) tensor, float32 for images and int64 for masks.
@@ -449,6 +532,8 @@ class SliceDataset(ArrayDataset):
                 `normalization`, which describes the method and goes into exported model metadata.
             mask_labels: mask name -> label value -> class name, where the data names them (an MSD dataset.json's
                 'labels'); figures and exports may use them.
+            grids: subject -> the preprocessed grid its items were cut from (item ids name the slice), so that
+                outputs can be put back in register with the source scan.
         """
         super().__init__(arrays, item_ids)
         self.image_names = list(image_names)
@@ -456,6 +541,7 @@ class SliceDataset(ArrayDataset):
         self.normalization = normalization
         self.clip_values = clip_values or {}
         self.mask_labels = mask_labels or {}
+        self.grids = grids or {}
 
     @property
     def subject_ids(self) -> list[str]:
@@ -471,8 +557,9 @@ class SliceDataset(ArrayDataset):
         arrays = {name: tensor[index] for name, tensor in self.arrays.items()}
         subjects = {subject_of(i) for i in item_ids}
         clip_values = {k: v for k, v in self.clip_values.items() if k in subjects}
+        grids = {k: v for k, v in self.grids.items() if k in subjects}
         return type(self)(arrays, list(item_ids), self.image_names, self.mask_names, self.normalization,
-                          clip_values, self.mask_labels)
+                          clip_values, self.mask_labels, grids)
 
 
 def _check_config(cfg: DataConfig) -> None:
@@ -521,21 +608,21 @@ def _check_config(cfg: DataConfig) -> None:
 
 
 def load_subject_volumes(subject: Subject, cfg: DataConfig, root: Path
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], tuple[float, ...]]:
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], VolumeGrid]:
     """Decode and preprocess one subject's volumes on one RAS grid at data.spacing.
 
     Returns name -> (X, Y, Z) tensor (images float32 in [-1, 1], masks int64 labels, plus the simulated degraded
     image under data.degrade.name when data.degrade.kind is set), the [low, high] clip values of each image, and
-    the voxel size in mm.
+    the grid (shape and affine) they are on.
     """
     reference_name = cfg.images[0]
     degrade_source = cfg.degrade.source or reference_name
     volumes: dict[str, torch.Tensor] = {}
     clip_values: dict[str, list[float]] = {}
     native_shape: tuple[int, ...] = ()
-    target_shape: tuple[int, ...] = ()
     voxel_size: tuple[float, ...] = ()
     native_affine = np.eye(4)
+    grid = VolumeGrid((), native_affine)  # set by the first image, the reference
     stacks: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
     for name in list(cfg.images) + list(cfg.masks):
         is_mask = name in cfg.masks
@@ -543,10 +630,9 @@ def load_subject_volumes(subject: Subject, cfg: DataConfig, root: Path
         volume, affine = _read_modality(subject, name, display, stacks)
         if name == reference_name:
             native_shape, native_affine = volume.shape, affine
-            target_shape, voxel_size = native_shape, tuple(float(v) for v in nib.affines.voxel_sizes(affine))
-            if cfg.spacing is not None:
-                target_shape = tuple(max(1, round(n * v / s)) for n, v, s in zip(native_shape, voxel_size, cfg.spacing))
-                voxel_size = tuple(float(s) for s in cfg.spacing)
+            grid = grid_at_spacing(native_shape, native_affine, cfg.spacing)
+            voxel_size = tuple(float(v) for v in (nib.affines.voxel_sizes(affine) if cfg.spacing is None
+                                                  else cfg.spacing))
         elif volume.shape != native_shape:
             kind = "mask" if is_mask else f"'{name}'"
             raise ConfigError(f"{kind} shape {volume.shape} != image shape {native_shape} in {display}")
@@ -558,10 +644,10 @@ def load_subject_volumes(subject: Subject, cfg: DataConfig, root: Path
                               "after reorientation to RAS: resample both onto one grid")
         if is_mask:
             labels = torch.from_numpy(check_mask(volume, cfg.mask_classes.get(name), display)).float()
-            volumes[name] = resample(labels, target_shape, is_mask=True).long()
+            volumes[name] = resample(labels, grid.shape, is_mask=True).long()
             continue
         # Resampled before the clip to the intensity window, so that both act on the scanner's intensities.
-        raw = resample(torch.from_numpy(volume), target_shape, is_mask=False)
+        raw = resample(torch.from_numpy(volume), grid.shape, is_mask=False)
         normalised, clip_values[name] = normalize_image(raw.numpy(), cfg, display)
         volumes[name] = torch.from_numpy(normalised)
         if cfg.degrade.kind and name == degrade_source:
@@ -571,13 +657,14 @@ def load_subject_volumes(subject: Subject, cfg: DataConfig, root: Path
             # The target's clip values: degraded and target share one intensity scale.
             volumes[cfg.degrade.name] = torch.from_numpy(
                 normalize_image(degraded.numpy(), cfg, display, clip=clip_values[name])[0])
-    return volumes, clip_values, voxel_size
+    return volumes, clip_values, grid
 
 
 def _load_subject(subject: Subject, cfg: DataConfig, root: Path
-                  ) -> tuple[dict[str, torch.Tensor], list[int], dict[str, list[float]]]:
-    """Decode and preprocess one subject: (name -> kept (S, 1, H, W) slices, kept slice indices, clip values)."""
-    volumes, clip_values, _ = load_subject_volumes(subject, cfg, root)
+                  ) -> tuple[dict[str, torch.Tensor], list[int], dict[str, list[float]], VolumeGrid]:
+    """Decode and preprocess one subject: (name -> kept (S, 1, H, W) slices, kept slice indices, clip values, the
+    grid the slices were cut from)."""
+    volumes, clip_values, grid = load_subject_volumes(subject, cfg, root)
     slices = {}
     for name, volume in volumes.items():
         is_mask = volume.dtype == torch.int64
@@ -585,7 +672,7 @@ def _load_subject(subject: Subject, cfg: DataConfig, root: Path
         slices[name] = fitted.long() if is_mask else fitted
     keep = keep_slices(slices, cfg)
     kept = {name: tensor[keep] for name, tensor in slices.items()}
-    return kept, torch.nonzero(keep).flatten().tolist(), clip_values
+    return kept, torch.nonzero(keep).flatten().tolist(), clip_values, grid
 
 
 def _normalization_record(cfg: DataConfig) -> dict:
@@ -620,9 +707,10 @@ def load_slice_dataset(cfg: DataConfig) -> SliceDataset:
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in cfg.image_names() + list(cfg.masks)}
     item_ids: list[str] = []
     clip_values: dict[str, dict[str, list[float]]] = {}
+    grids: dict[str, VolumeGrid] = {}
     letter = AXIS_LETTERS[cfg.slice_axis]
     for subject in subjects:
-        slices, indices, clip_values[subject.subject_id] = _load_subject(subject, cfg, root)
+        slices, indices, clip_values[subject.subject_id], grids[subject.subject_id] = _load_subject(subject, cfg, root)
         for name, tensor in slices.items():
             parts[name].append(tensor)
         item_ids += [f"{subject.subject_id}/{letter}{index:03d}" for index in indices]
@@ -632,7 +720,7 @@ def load_slice_dataset(cfg: DataConfig) -> SliceDataset:
     logger.info("loaded %d subjects from %s: %d slices of %dx%d along %s kept", len(subjects), root,
                 len(item_ids), cfg.image_size, cfg.image_size, letter)
     return SliceDataset(arrays, item_ids, cfg.image_names(), list(cfg.masks), _normalization_record(cfg),
-                        clip_values, mask_label_names(cfg))
+                        clip_values, mask_label_names(cfg), grids)
 
 
 def random_flip(batch: dict, prob: float) -> dict:

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
-from data.nifti import (AXIS_LETTERS, SliceDataset, _check_config, _display, _normalization_record, discover_subjects,
-                        load_subject_volumes, mask_label_names, pad_or_crop, slice_index_of, subject_of, to_slices)
+from data.nifti import (AXIS_LETTERS, SliceDataset, VolumeGrid, _check_config, _display, _normalization_record,
+                        discover_subjects, from_slices, load_subject_volumes, mask_label_names, pad_or_crop,
+                        plane_shape, slice_index_of, subject_of, to_slices)
 from utils.config import ConfigError, DataConfig
 from utils.logging import get_logger
 
@@ -39,11 +40,13 @@ class SubjectVolumes:
         self.mask_labels = mask_label_names(cfg)
         self.volumes: dict[str, dict[str, torch.Tensor]] = {}
         self.clip_values: dict[str, dict[str, list[float]]] = {}
+        self.grids: dict[str, VolumeGrid] = {}
         depth, height, width = cfg.volume_shape
         whole = len(subjects) > 1  # several subjects: every volume is one item of data.volume_shape
         minimum = list(cfg.patch_size or [1, 1, 1])  # a patch of padding is no training data
         for subject in subjects:
-            volumes, self.clip_values[subject.subject_id], _ = load_subject_volumes(subject, cfg, root)
+            volumes, self.clip_values[subject.subject_id], self.grids[subject.subject_id] = load_subject_volumes(
+                subject, cfg, root)
             shown = _display(subject.files[cfg.images[0]], root)
             layout = {name: to_slices(v.float(), cfg.slice_axis).transpose(0, 1) for name, v in volumes.items()}
             shape = tuple(next(iter(layout.values())).shape[1:])
@@ -97,7 +100,8 @@ class SubjectVolumes:
         subjects = set(by_subject)
         return VolumeDataset(arrays, item_ids, self.cfg.image_names(), list(self.cfg.masks),
                              _normalization_record(self.cfg),
-                             {k: v for k, v in self.clip_values.items() if k in subjects}, self.mask_labels)
+                             {k: v for k, v in self.clip_values.items() if k in subjects}, self.mask_labels,
+                             {k: v for k, v in self.grids.items() if k in subjects})
 
 
 def _runs(indices: list[int]) -> list[list[int]]:
@@ -147,3 +151,27 @@ def display_spacing(cfg: DataConfig) -> tuple[float, float, float]:
     # to_slices: D is slice_axis; of the other two RAS axes (a, b), H runs along b and W along a.
     a, b = (axis for axis in range(3) if axis != cfg.slice_axis)
     return (float(cfg.spacing[cfg.slice_axis]), float(cfg.spacing[b]), float(cfg.spacing[a]))
+
+
+def slab_start_of(item_id: str) -> int | None:
+    """The first slice of a 3D item: "sub-01/z016-031" -> 16; None for a whole volume ("sub-01")."""
+    if "/" not in item_id:
+        return None
+    return int(item_id.rsplit("/", 1)[1][1:].split("-")[0])
+
+
+def place_volume(item_id: str, volume, grid: VolumeGrid, slice_axis: int,
+                 fill: float) -> tuple[tuple[slice, ...], torch.Tensor]:
+    """Where a 3D item's (C, D, H, W) volume lies in its subject's grid and its values there, without interpolation:
+    (the index of its slab, a (C, *slab shape) block). The centre pad/crop to data.volume_shape is undone: what
+    padding added is cut off, what cropping cut off is `fill`."""
+    x = torch.as_tensor(volume)
+    plane = plane_shape(grid.shape, slice_axis)
+    start = slab_start_of(item_id)
+    if start is None:  # a whole volume, padded or cropped along D as well
+        x, start = pad_or_crop(x, (grid.shape[slice_axis], *plane), fill), 0
+    else:
+        x = pad_or_crop(x, plane, fill)
+    region = [slice(None)] * 3
+    region[slice_axis] = slice(start, start + x.shape[1])
+    return tuple(region), from_slices(x.transpose(0, 1), slice_axis)

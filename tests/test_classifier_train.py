@@ -89,8 +89,9 @@ def test_a_stopped_run_resumes_exactly_across_the_stages(straight, tmp_path, ihc
 
 def test_evaluation_reports_metrics_equal_to_scikit_learn(straight):
     evaluate.main(["--run", str(straight), "eval.weights=final"])
-    report = json.loads((straight / "eval" / "report.json").read_text())
-    items = read_items(straight / "eval" / "per_item.csv")
+    out = straight / "eval" / "final-ddim3-test"  # eval.sampling_steps=3 DDIM steps on the test split
+    report = json.loads((out / "report.json").read_text())
+    items = read_items(out / "per_item.csv")
     classes = report["classes"]
     assert len(items) == 24 and all(row["item_id"].startswith("test/") for row in items)  # the test folder
     labels = np.array([int(r["label"]) for r in items])
@@ -112,7 +113,7 @@ def test_evaluation_reports_metrics_equal_to_scikit_learn(straight):
         assert report["metrics"]["uncertainty_error_auroc"]["value"] == pytest.approx(
             sk.roc_auc_score(errors, uncertainty), abs=1e-9)
     for figure in ("confusion.png", "confusion_auxiliary.png"):
-        assert (straight / "eval" / figure).is_file()
+        assert (out / figure).is_file()
     assert "## Evaluation" in (straight / "final" / "README.md").read_text()
 
 
@@ -122,11 +123,12 @@ def test_two_processes_train_and_predict_as_one(tmp_path, ihc_root):
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = {}
     for processes in (1, 2):
-        result = run_script("evaluate.py", ["--run", str(run), "eval.weights=final"], env=CPU_GLOO,
-                            launch=TWO_PROCESSES if processes == 2 else None)
+        result = run_script("evaluate.py", ["--run", str(run), "eval.weights=final", "eval.overwrite=true"],
+                            env=CPU_GLOO, launch=TWO_PROCESSES if processes == 2 else None)
         assert result.returncode == 0, result.stderr[-3000:]
-        predictions[processes] = read_items(run / "eval" / "per_item.csv")
-        assert json.loads((run / "eval" / "report.json").read_text())["settings"]["num_processes"] == processes
+        out = run / "eval" / "final-ddim3-test"
+        predictions[processes] = read_items(out / "per_item.csv")
+        assert json.loads((out / "report.json").read_text())["settings"]["num_processes"] == processes
     assert predictions[1] == predictions[2]
 
 

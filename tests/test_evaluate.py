@@ -18,7 +18,9 @@ import train_diffusion
 from tests import feature_sharding_probe
 from tests.runs import REPO, read_metrics, run_script, tiny_args
 
-EVAL = ["eval.num_items=6", "eval.batch_size=4", "eval.sampling_steps=3", "eval.num_figures=3"]
+# Every test evaluates the one run again with these settings, into eval/final-euler3/ (rectified flow: Euler).
+EVAL = ["eval.num_items=6", "eval.batch_size=4", "eval.sampling_steps=3", "eval.num_figures=3", "eval.overwrite=true"]
+OUT = ("eval", "final-euler3")
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -40,7 +42,7 @@ def read_per_item(path):
 
 def test_outputs_and_metrics_recomputed_from_npz(trained_run):
     evaluate.main(["--run", str(trained_run), *EVAL])
-    out = trained_run / "eval"
+    out = trained_run.joinpath(*OUT)
     report = json.loads((out / "report.json").read_text())
     assert report["data_range"] == 2.0 and report["settings"]["num_items"] == 6
     rows = read_per_item(out / "per_item.csv")
@@ -76,8 +78,8 @@ def test_outputs_and_metrics_recomputed_from_npz(trained_run):
 def test_validation_and_evaluation_share_one_metric_implementation(trained_run):
     steps = 3  # the tiny run's validation.sampling_steps
     evaluate.main(["--run", str(trained_run), "eval.seed=0", f"eval.sampling_steps={steps}", "eval.num_items=0",
-                   "eval.batch_size=5"])
-    report = json.loads((trained_run / "eval" / "report.json").read_text())
+                   "eval.batch_size=5", "eval.overwrite=true"])
+    report = json.loads((trained_run.joinpath(*OUT) / "report.json").read_text())
     logged = {n: float(v) for s, n, v in read_metrics(trained_run) if s == 6 and not n.endswith("_items")}
     assert report["settings"]["num_items"] == 13
     for name in ("ssim", "psnr", "mae"):
@@ -91,15 +93,16 @@ def test_one_and_two_processes_agree(trained_run, tmp_path):
     result = run_script("evaluate.py", ["--run", str(trained_run), *EVAL, "eval.samples_per_item=2"],
                         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launch=TWO_PROCESSES)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = read_per_item(single / "eval" / "per_item.csv"), read_per_item(trained_run / "eval" / "per_item.csv")
+    one = read_per_item(single.joinpath(*OUT, "per_item.csv"))
+    two = read_per_item(trained_run.joinpath(*OUT, "per_item.csv"))
     assert [r["item_id"] for r in one] == [r["item_id"] for r in two]
     assert "diversity_msssim" in one[0]
     for a, b in zip(one, two):
         for key in a:
             if key != "item_id":
                 assert abs(float(a[key]) - float(b[key])) < 1e-4, (a["item_id"], key)
-    report_one = json.loads((single / "eval" / "report.json").read_text())
-    report_two = json.loads((trained_run / "eval" / "report.json").read_text())
+    report_one = json.loads(single.joinpath(*OUT, "report.json").read_text())
+    report_two = json.loads(trained_run.joinpath(*OUT, "report.json").read_text())
     assert report_two["settings"]["num_processes"] == 2
     for name, stats in report_one["metrics"].items():
         assert stats["n"] == report_two["metrics"][name]["n"]
@@ -112,19 +115,19 @@ def test_fid_and_kid_with_a_local_feature_network(trained_run, tmp_path):
     path = tmp_path / "features.pt"
     torch.jit.save(torch.jit.script(net), str(path))
     evaluate.main(["--run", str(trained_run), *EVAL, f"eval.feature_network={path}"])
-    report = json.loads((trained_run / "eval" / "report.json").read_text())
+    report = json.loads(trained_run.joinpath(*OUT, "report.json").read_text())
     assert report["metrics"]["fid"]["value"] >= 0 and report["metrics"]["fid"]["n"] == 6
     assert np.isfinite(report["metrics"]["kid"]["mean"])
 
 
 def test_num_items_are_spread_over_the_held_out_set_and_clamped_to_the_data_range(trained_run):
-    evaluate.main(["--run", str(trained_run), "eval.num_items=3", "eval.sampling_steps=3"])
+    evaluate.main(["--run", str(trained_run), "eval.num_items=3", "eval.sampling_steps=3", "eval.overwrite=true"])
     val_ids = json.loads((trained_run / "split.json").read_text())["val"]
-    ids = [r["item_id"] for r in read_per_item(trained_run / "eval" / "per_item.csv")]
+    ids = [r["item_id"] for r in read_per_item(trained_run.joinpath(*OUT, "per_item.csv"))]
     # Not the leading slices of the held-out slab: its first and last slice, and one between.
     assert len(set(ids)) == 3 and ids[0] == val_ids[0] and ids[-1] == val_ids[-1] and ids[1] in val_ids[1:-1]
     for item_id in ids:
-        generated = np.load(trained_run / "eval" / "samples" / f"{item_id.replace('/', '__')}.npz")["generated"]
+        generated = np.load(trained_run.joinpath(*OUT, "samples", f"{item_id.replace('/', '__')}.npz"))["generated"]
         assert -1 <= generated.min() and generated.max() <= 1  # a barely trained model overshoots [-1, 1]
 
 
@@ -147,7 +150,7 @@ def test_unconditional_items_are_seeds(tmp_path, demo_root):
     run = tmp_path / "run"
     train_diffusion.main(tiny_args(run, demo_root, "task.spatial_conditions=[]", "training.max_steps=2"))
     evaluate.main(["--run", str(run), "eval.num_items=3", "eval.sampling_steps=2", "eval.samples_per_item=2"])
-    rows = read_per_item(run / "eval" / "per_item.csv")
+    rows = read_per_item(run / "eval" / "final-euler2" / "per_item.csv")
     assert [r["item_id"] for r in rows] == ["sample-00000", "sample-00001", "sample-00002"]
     assert all(0 <= float(r["diversity_msssim"]) <= 1 for r in rows)
 

@@ -100,9 +100,10 @@ def test_chain_vae_encode_on_two_processes_train_and_evaluate(chain, single_cach
     assert json.loads((run / "split.json").read_text()) == manifest["split"]
 
     evaluate.main(["--run", str(run), "eval.num_items=4", "eval.sampling_steps=2", "eval.samples_per_item=2"])
-    report = json.loads((run / "eval" / "report.json").read_text())
+    out = run / "eval" / "final-euler2"
+    report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["diversity_msssim"]["n"] == 4
-    npz = np.load(next((run / "eval" / "samples").glob("*.npz")))
+    npz = np.load(next((out / "samples").glob("*.npz")))
     assert npz["generated"].shape == (2, 3, 32, 32)  # decoded RGB tiles, two samples
     assert npz["generated"].min() >= -1 and npz["generated"].max() <= 1
 

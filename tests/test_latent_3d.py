@@ -75,19 +75,20 @@ def test_latent_restoration_trains_and_is_scored_in_pixel_space(setup):
     run = base / "run"
     train_diffusion.main([*args, f"latent.cache_dir={base / 'cache1'}", f"run.output_dir={run}"])
     evaluate.main(["--run", str(run), "eval.hu_metrics=true"])
-    with (run / "eval" / "per_item.csv").open() as f:
+    out = run / "eval" / "final-euler2"
+    with (out / "per_item.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows and {"ssim", "psnr", "input_ssim", "input_psnr", "mae_hu", "autoencoder_ssim"} <= set(rows[0])
     # The autoencoder's ceiling: the target's own latent decoded, scored as the VAE's validation scored it.
     vae_val = {n: float(v) for s, n, v in read_metrics(base / "vae") if n == "val/ssim"}
     assert float(rows[0]["autoencoder_ssim"]) == pytest.approx(vae_val["val/ssim"], abs=0.02)
-    npz = np.load(run / "eval" / "samples" / f"{rows[0]['item_id'].replace('/', '__')}.npz")
+    npz = np.load(out / "samples" / f"{rows[0]['item_id'].replace('/', '__')}.npz")
     # Scored in pixel space: the decoded sample against the source slab; the decoded low-dose latent is the
     # baseline (the condition on the target's grid).
     assert npz["generated"].shape == (1, 1, 8, 32, 32) and npz["reference"].shape == (1, 8, 32, 32)
     assert npz["condition_ld"].shape == (1, 8, 32, 32) and npz["condition_ld_latent"].shape == (4, 2, 8, 8)
     assert json.loads((run / "final" / "unet" / "config.json").read_text())["_class_name"] == "UNet3DModel"
-    assert (run / "eval" / "volumes").is_dir()
+    assert (out / "volumes").is_dir()
 
 
 def test_a_cache_of_another_3d_autoencoder_is_refused(setup):

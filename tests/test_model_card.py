@@ -34,7 +34,7 @@ def test_the_final_export_carries_a_model_card(diffusion_run):
 
 def test_evaluate_adds_its_report_once(diffusion_run):
     for _ in range(2):  # a second evaluation replaces the section
-        evaluate.main(["--run", str(diffusion_run), "eval.sampling_steps=2", "eval.num_items=3"])
+        evaluate.main(["--run", str(diffusion_run), "eval.sampling_steps=2", "eval.num_items=3", "eval.overwrite=true"])
     text = (diffusion_run / "final" / "README.md").read_text()
     assert text.count(EVALUATION_HEADING) == 1
     evaluation = text.split(EVALUATION_HEADING)[1]

@@ -36,7 +36,7 @@ def test_dpm_solver_converges_in_fewer_steps_than_ddim(ddpm_run):
 
 def test_evaluate_takes_the_sampler_and_records_it(ddpm_run):
     evaluate.main(["--run", str(ddpm_run), "diffusion.sampler=dpm_solver", "eval.sampling_steps=10"])
-    report = json.loads((ddpm_run / "eval" / "report.json").read_text())
+    report = json.loads((ddpm_run / "eval" / "final-dpm_solver10" / "report.json").read_text())
     assert report["metrics"]["ssim"]["n"] == 6
     assert (report["settings"]["sampler"], report["settings"]["sampling_steps"]) == ("dpm_solver", 10)
 

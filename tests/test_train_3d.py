@@ -68,11 +68,13 @@ def test_the_export_loads_with_the_project_class_and_reproduces_a_forward_pass(r
 def test_evaluation_on_one_and_two_processes_agree_and_scores_recompute(run_3d, tmp_path):
     single = tmp_path / "single"
     shutil.copytree(run_3d, single)
-    evaluate.main(["--run", str(single), "eval.hu_metrics=true"])
-    result = run_script("evaluate.py", ["--run", str(run_3d), "eval.hu_metrics=true"],
+    evaluate.main(["--run", str(single), "eval.hu_metrics=true", "eval.overwrite=true"])
+    result = run_script("evaluate.py", ["--run", str(run_3d), "eval.hu_metrics=true", "eval.overwrite=true"],
                         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launch=TWO_PROCESSES)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = read_per_item(single / "eval" / "per_item.csv"), read_per_item(run_3d / "eval" / "per_item.csv")
+    folder = ("eval", "final-euler2")  # eval.sampling_steps=2 of the rectified-flow Euler sampler
+    one = read_per_item(single.joinpath(*folder, "per_item.csv"))
+    two = read_per_item(run_3d.joinpath(*folder, "per_item.csv"))
     assert [r["item_id"] for r in one] == [r["item_id"] for r in two] and len(one) >= 1
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
@@ -82,7 +84,7 @@ def test_evaluation_on_one_and_two_processes_agree_and_scores_recompute(run_3d, 
             "input_mae_hu"} <= set(one[0])
     assert "ssim_3d" not in one[0]  # 8-slice slabs are thinner than the 11-voxel SSIM window
 
-    out = single / "eval"
+    out = single.joinpath(*folder)
     report = json.loads((out / "report.json").read_text())
     window = report["settings"]["normalization"]["window_hu"]
     for row in one:
@@ -115,10 +117,10 @@ def test_the_2d_ct_preset_restores_slices_with_the_same_degradation(tmp_path, ct
     train_diffusion.main(["--config", str(REPO / "configs/demo_ct_2d.yaml"), f"run.output_dir={run}",
                           f"data.root={ct_demo_root}", *tiny])  # 4 mm: a quick low-dose simulation
     evaluate.main(["--run", str(run), "eval.num_items=3", "eval.sampling_steps=2"])
-    rows = read_per_item(run / "eval" / "per_item.csv")
+    rows = read_per_item(run / "eval" / "final-euler2" / "per_item.csv")
     assert len(rows) == 3 and {"ssim", "input_ssim", "mae_hu", "input_mae_hu"} <= set(rows[0])
     assert "ssim_3d" not in rows[0]  # slices are scored as images
-    npz = np.load(run / "eval" / "samples" / f"{rows[0]['item_id'].replace('/', '__')}.npz")
+    npz = np.load(run / "eval" / "final-euler2" / "samples" / f"{rows[0]['item_id'].replace('/', '__')}.npz")
     assert npz["condition"].shape == npz["reference"].shape == (1, 32, 32)
     # The low-dose input is noisier than its target but close to it: the pair is aligned.
     assert 0.01 < np.abs(npz["condition"] - npz["reference"]).mean() < 0.3

@@ -14,7 +14,10 @@ import train_diffusion
 from tests.runs import tiny_args
 from utils.evaluation import pearson_correlation
 
-EVAL = ["eval.num_items=4", "eval.batch_size=4", "eval.sampling_steps=3", "eval.num_figures=2", "eval.seed=0"]
+# Each test evaluates the one run again, into eval/final-euler3/.
+EVAL = ["eval.num_items=4", "eval.batch_size=4", "eval.sampling_steps=3", "eval.num_figures=2", "eval.seed=0",
+        "eval.overwrite=true"]
+OUT = ("eval", "final-euler3")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def trained_run(tmp_path_factory, demo_root):
 
 def evaluated(run):
     """(report, per-item rows, {item_id: npz}) of the run's last evaluation."""
-    out = run / "eval"
+    out = run.joinpath(*OUT)
     with (out / "per_item.csv").open() as f:
         rows = list(csv.DictReader(f))
     npz = {r["item_id"]: np.load(out / "samples" / f"{r['item_id'].replace('/', '__')}.npz") for r in rows}
@@ -48,7 +51,7 @@ def test_pearson_correlation_matches_numpy():
 def test_std_maps_figure_and_correlation(trained_run):
     evaluate.main(["--run", str(trained_run), *EVAL, "eval.samples_per_item=3"])
     report, rows, npz = evaluated(trained_run)
-    assert (trained_run / "eval" / "uncertainty.png").stat().st_size > 1000
+    assert trained_run.joinpath(*OUT, "uncertainty.png").stat().st_size > 1000
 
     stds, errors = [], []
     for row in rows:
@@ -91,9 +94,9 @@ def test_std_is_zero_when_every_sample_gets_the_same_noise(trained_run, monkeypa
 
 def test_one_sample_writes_no_uncertainty(trained_run):
     evaluate.main(["--run", str(trained_run), *EVAL, "eval.samples_per_item=2"])
-    assert (trained_run / "eval" / "uncertainty.png").is_file()
+    assert trained_run.joinpath(*OUT, "uncertainty.png").is_file()
     evaluate.main(["--run", str(trained_run), *EVAL])
     report, rows, npz = evaluated(trained_run)
-    assert not (trained_run / "eval" / "uncertainty.png").exists()  # the earlier figure is not left behind
+    assert not trained_run.joinpath(*OUT, "uncertainty.png").exists()  # the earlier figure is not left behind
     assert not any(k.startswith("uncertainty") for k in [*report["metrics"], *rows[0]])
     assert not any(k.startswith("std_") for arrays in npz.values() for k in arrays.files)

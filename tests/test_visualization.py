@@ -144,8 +144,8 @@ def test_denoising_strip_wraps_long_sequences(tmp_path, phantom):
     rng = np.random.default_rng(0)
     times = list(np.linspace(1.0, 0.0, 10))
     preds = [np.clip((1 - t) * phantom + t * rng.normal(size=phantom.shape), -1, 1) for t in times]
-    width, height = png_size(denoising_strip(preds, times, tmp_path / "strip.png"))
-    # 8 panels per row, two rows.
+    width, height = png_size(denoising_strip(preds, times, tmp_path / "strip.png", num_panels=10))
+    # All 10 steps asked for: 8 panels per row, two rows.
     assert 1300 <= width <= 1550 and 350 <= height <= 450
     width_short, height_short = png_size(denoising_strip(preds[:4], times[:4], tmp_path / "short.png"))
     assert width_short < width / 1.8 and height_short < height / 1.5
@@ -162,8 +162,9 @@ def test_metric_curves_from_long_format_csv(tmp_path):
         lines += [f"{step},val/ssim,{0.5 + step / 2000}", f"{step},val/psnr,{20 + step / 100}", f"{step},val/fid,nan"]
     csv_path.write_text("\n".join(lines) + "\n")
     width, height = png_size(metric_curves(csv_path, tmp_path / "curves.png"))
-    # Four finite series in a 3-column layout: two rows of 4 x 2.8-inch panels (the all-NaN one is dropped).
-    assert 1100 <= width <= 1300 and 500 <= height <= 620
+    # Four finite series (the all-NaN one is dropped), two training and two validation ones: each group one row of
+    # two 4 x 2.9-inch panels under its name.
+    assert 750 <= width <= 850 and 620 <= height <= 760
 
     empty = tmp_path / "empty.csv"
     empty.write_text("step,name,value\n")

@@ -36,9 +36,9 @@ def check_choice(key: str, value: Any, valid, why: str = "") -> None:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/demo"
-    seed: int = 0
-    log_level: str = "INFO"
+    output_dir: str = "runs/demo"  # the run directory: config, split, metrics, checkpoints, exports, eval
+    seed: int = 0  # weights, noise and batch order; the same seed and config give the same run
+    log_level: str = "INFO"  # DEBUG also logs the items of every micro-batch
     num_threads: int = 0  # torch intra-op threads per process; 0 = the cores available / processes on the node
 
 
@@ -58,19 +58,23 @@ class DegradeConfig:
 class DataConfig:
     kind: str = "nifti"  # nifti | tiles | class_folders | latent_cache
     dims: int = 2  # nifti: 2 = items are slices; 3 = items are volumes (whole, or slabs of a single subject)
+    # the data folder: <subject>/<modality>.nii.gz folders or an MSD dataset.json (nifti), image files (tiles),
+    # train/<class>/ folders (class_folders)
     root: str = "data/demo_mni152"
     # build this demo dataset at `root` when it does not exist, only into a folder of the demo's own name (e.g.
     # data/demo_mni152), so that a mistyped root is refused ("" = never)
     demo: str = ""
-    images: list[str] = field(default_factory=lambda: ["t1"])
-    masks: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=lambda: ["t1"])  # image modalities per subject (MSD: names or indices)
+    masks: list[str] = field(default_factory=list)  # integer label volumes read per subject (0 = background)
     mask_classes: dict[str, int] = field(default_factory=dict)  # labels per mask, background included
     normalization: str = "mri"  # mri | ct
+    # mri: each volume clipped at these percentiles of its non-zero voxels, then mapped to [-1, 1]
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    # ct: the HU window [low, high] mapped to [-1, 1]; values outside are clipped (soft tissue [-160, 240])
     ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
     spacing: Optional[list[float]] = None  # resample to this voxel size in mm (x, y, z); null keeps native
     slice_axis: int = 2  # 0 sagittal, 1 coronal, 2 axial (after reorientation to RAS)
-    image_size: int = 64
+    image_size: int = 64  # 2D items are image_size x image_size pixels
     resize: bool = True  # pad to square then resize; false: centre pad/crop to image_size
     # data.dims 3: every volume is centre padded/cropped to (D, H, W), D along data.slice_axis, H and W the slice
     # as 2D shows it; with a single subject, items are slabs of D slices
@@ -81,10 +85,10 @@ class DataConfig:
     min_foreground: float = 0.05  # keep slices with at least this fraction of foreground pixels
     intensity_threshold: float = -0.9  # foreground = normalised intensity above this (without filter_mask)
     flip_prob: float = 0.0  # probability of a left-right flip of a training sample
-    val_fraction: float = 0.2
-    test_fraction: float = 0.0
+    val_fraction: float = 0.2  # share of subjects held out for validation (at least one; one subject: a slab)
+    test_fraction: float = 0.0  # share of subjects held out for eval.split=test, never seen in training
     slab_gap: int = 4  # slices left out between slabs when a single subject is split
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per training process (0 = load in the main one)
     degrade: DegradeConfig = field(default_factory=DegradeConfig)  # degraded input simulated from the target
     # Pathology tiles (data.kind: tiles): <root>/<name>.png|.tif images, optional <name>_mask.png class ids.
     tile_size: int = 64  # tiles cut from each image, in pixels (then resized to image_size if different)
@@ -109,12 +113,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    layers_per_block: int = 1
-    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
-    attention_head_dim: int = 32
-    norm_num_groups: int = 8
-    dropout: float = 0.0
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet widths, one per level
+    layers_per_block: int = 1  # residual blocks per level
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])  # self-attention per level
+    attention_head_dim: int = 32  # channels per attention head (divides the widths with attention)
+    norm_num_groups: int = 8  # GroupNorm groups (divides every width)
+    dropout: float = 0.0  # in the residual blocks
     gradient_checkpointing: bool = False  # recompute each UNet block in the backward pass: less memory, more compute
 
 
@@ -123,13 +127,14 @@ class TaskConfig:
     # generation: diffuse the targets (images, masks, latents); classification: diffuse a label map (DiffMIC-v2,
     # data.kind: class_folders, the classifier section)
     kind: str = "generation"
-    targets: list[str] = field(default_factory=lambda: ["t1"])
+    targets: list[str] = field(default_factory=lambda: ["t1"])  # data names generated, concatenated channel-wise
+    # data names given to the network beside x_t (a mask for mask -> image, the degraded image for restoration)
     spatial_conditions: list[str] = field(default_factory=list)
     vector_condition: str = ""  # e.g. class_dist: embedded and added to the time embedding
     cond_drop_prob: float = 0.0  # drop all conditions of a sample with this probability (guidance)
     loss_weights: dict[str, float] = field(default_factory=dict)  # per target, default 1
     roi_mask: str = ""  # mask whose foreground up-weights the loss ("" = none)
-    roi_weight: float = 1.0
+    roi_weight: float = 1.0  # loss weight of the pixels inside roi_mask (outside: 1)
     # Feature-space loss on the predicted x0 against x0 (images only), weighted per sample; uses
     # vae.perceptual_network, the local feature network of the autoencoder's perceptual loss. 0 = off
     perceptual_weight: float = 0.0
@@ -140,38 +145,38 @@ class DiffusionConfig:
     strategy: str = "ddpm"  # ddpm | rflow
     objective: str = "eps"  # ddpm: eps | x0 | v
     beta_schedule: str = "linear"  # ddpm: linear | scaled_linear | cosine
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # ddpm: discrete noise levels; rflow: the scale of t given to the network
     loss_weighting: str = "none"  # ddpm: none | min_snr | p2
-    min_snr_gamma: float = 5.0
-    p2_gamma: float = 1.0
-    p2_k: float = 1.0
+    min_snr_gamma: float = 5.0  # min_snr: loss weight min(SNR, gamma) / SNR (in eps terms), gamma = this
+    p2_gamma: float = 1.0  # p2: weight 1 / (p2_k + SNR)^p2_gamma
+    p2_k: float = 1.0  # p2: see p2_gamma
     timestep_sampling: str = "uniform"  # rflow: uniform | logit_normal
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    logit_mean: float = 0.0  # logit_normal: t = sigmoid(n), n ~ N(logit_mean, logit_std)
+    logit_std: float = 1.0  # logit_normal: see logit_mean
     sampler: str = ""  # ddpm: ddim | dpm_solver; rflow: euler | heun; "" = ddim for ddpm, euler for rflow
-    guidance_scale: float = 1.0
+    guidance_scale: float = 1.0  # classifier-free guidance when sampling (1 = none; > 1 needs cond_drop_prob > 0)
 
 
 @dataclass
 class TrainingConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps of the whole run
     batch_size: int = 16  # per process
-    grad_accum_steps: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch: batch_size x this x processes)
+    lr: float = 2e-4  # peak learning rate of AdamW (after warmup)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decays
     lr_schedule: str = "cosine"  # constant | linear | cosine | one_cycle
-    lr_warmup_steps: int = 100
+    lr_warmup_steps: int = 100  # linear warmup from 0 to lr
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "no"  # no | fp16 | bf16
     ema_decay: float = 0.999  # 0 disables EMA
-    ema_warmup: bool = True
-    checkpoint_every: int = 500
-    keep_last: int = 2
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): early averages forget the init
+    checkpoint_every: int = 500  # steps between resumable checkpoints (also at the end and on SIGTERM)
+    keep_last: int = 2  # newest checkpoints kept (best-* folders are separate); 0 = all
     resume: str = "auto"  # auto | never | latest | <checkpoint path>
     stop_after: int = 0  # end this invocation after N steps with a checkpoint (time-limited jobs); 0 = never
-    max_consecutive_nonfinite: int = 10
-    log_every: int = 10
+    max_consecutive_nonfinite: int = 10  # skipped non-finite steps in a row that stop the run
+    log_every: int = 10  # steps between metrics.csv rows (averages over those steps)
     compile: bool = False  # torch.compile the network being trained (denoiser or autoencoder)
     compile_backend: str = "inductor"  # torch.compile backend: inductor (generated kernels) | aot_eager | ...
 
@@ -180,16 +185,16 @@ class TrainingConfig:
 class ValidationConfig:
     every: int = 200  # held-out loss
     sample_every: int = 500  # sampling, SSIM/PSNR, figures
-    num_samples: int = 8
+    num_samples: int = 8  # held-out items sampled and scored (SSIM/PSNR) at each sampling validation
     num_items: int = 64  # held-out items (evenly spaced) scored by the held-out loss; 0 = all
-    sampling_steps: int = 25
+    sampling_steps: int = 25  # sampler steps for validation samples
     at_start: bool = False  # also validate the untrained model at step 0 (a baseline for the curves)
 
 
 @dataclass
 class LoggingConfig:
     trackers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard | wandb
-    wandb_project: str = "medical-diffusion"
+    wandb_project: str = "medical-diffusion"  # the project name given to the trackers (wandb's project)
     wandb_mode: str = "offline"  # offline | online | disabled
 
 
@@ -223,10 +228,10 @@ class VAEConfig:
     # Gaussian posterior (kl) or an EMA codebook with dead-code restarts (vq)
     kind: str = "kl"
     inputs: list[str] = field(default_factory=lambda: ["t1"])  # data names concatenated as input channels
-    latent_channels: int = 4
+    latent_channels: int = 4  # channels of the latent the diffusion model works in
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # 2^(levels-1) downsampling
-    layers_per_block: int = 1
-    norm_num_groups: int = 8
+    layers_per_block: int = 1  # residual blocks per level of encoder and decoder
+    norm_num_groups: int = 8  # GroupNorm groups (divides every width)
     num_vq_embeddings: int = 256  # codebook size (vq)
     codebook_decay: float = 0.99  # 3D vq: EMA decay of the code usage counts and sums
     restart_threshold: float = 1.0  # 3D vq: codes whose EMA usage falls below this restart at encoder outputs
@@ -234,13 +239,13 @@ class VAEConfig:
     kl_weight: float = 1.0e-6  # weight of the KL term (kl)
     codebook_weight: float = 1.0  # weight of the codebook + commitment loss (vq)
     perceptual_network: str = ""  # local TorchScript feature network for the perceptual loss ("" = off)
-    perceptual_weight: float = 0.1
+    perceptual_weight: float = 0.1  # weight of the perceptual loss (with perceptual_network)
     perceptual_slices: int = 2  # 3D: random slices per axis and sample that the 2D feature network sees (2.5D)
     disc_start: int = 0  # step at which the adversarial loss starts
     disc_weight: float = 0.0  # 0 = no adversarial loss; else the PatchGAN loss weight (times adaptive weight)
     disc_loss: str = "hinge"  # hinge | least_squares
-    disc_channels: int = 32
-    disc_layers: int = 3
+    disc_channels: int = 32  # PatchGAN width of its first layer
+    disc_layers: int = 3  # PatchGAN stride-2 layers, each halving the resolution (more: larger patches judged)
     gradient_checkpointing: bool = False  # recompute encoder/decoder blocks in the backward pass: less memory
     # 2D progressive resolution: phases trained one after another, each continuing from the previous weights on the
     # same images resized, e.g. [{image_size: 64, steps: 2000, batch_size: 16}, {image_size: 128, steps: 1000,
@@ -261,15 +266,15 @@ class ClassifierConfig:
     prior_size: int = 6  # Np: the guided prior map and the label map are Np x Np
     feature_dim: int = 128  # width of the denoiser's image features and label embedding
     aux_steps: int = 500  # stage 1: optimizer steps training the auxiliary classifier, then it is frozen
-    aux_lr: float = 1e-3
+    aux_lr: float = 1e-3  # learning rate of the auxiliary classifier in stage 1
     focal_alpha: float = 10.0  # per-sample loss weight 1 + alpha * (1 - p)^gamma, p the prior's true-class prob
-    focal_gamma: float = 1.0
+    focal_gamma: float = 1.0  # see focal_alpha
 
 
 @dataclass
 class EvalConfig:
     num_items: int = 0  # conditional: cap on held-out items (0 = all); unconditional: number of samples
-    sampling_steps: int = 50
+    sampling_steps: int = 50  # sampler steps per sample
     samples_per_item: int = 1  # > 1 also scores diversity (mean pairwise MS-SSIM)
     weights: str = "final"  # final | best-<metric> (e.g. best-val_loss) | a checkpoint folder
     split: str = "val"  # val | test
@@ -278,8 +283,10 @@ class EvalConfig:
     data_range: float = 0.0  # 0 = from the recorded normalisation (2.0 for [-1, 1])
     feature_network: str = ""  # local TorchScript file mapping images to features, for FID/KID ("" = off)
     feature_channels: int = 0  # repeat grey images to this many channels for the feature network (0 = as is)
-    num_figures: int = 8  # items shown in eval/comparison.png
+    num_figures: int = 8  # items shown in comparison.png of the evaluation folder
     hu_metrics: bool = False  # CT (data.normalization: ct): also MAE and RMSE in Hounsfield units
+    save_nifti: bool = False  # also nifti/<subject>/*.nii.gz on the scans' grid ([-1, 1] or HU; NaN: not generated)
+    overwrite: bool = False  # replace an evaluation folder (eval/<weights>-<sampler><steps>/) that holds a report
 
 
 @dataclass
@@ -363,6 +370,8 @@ def parse_args(argv: Optional[list[str]], description: str, default_config: Opti
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=None, help="YAML preset (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--explain", action="store_true",
+                        help="with --print-config: one dotted key a line, each with its comment from utils/config.py")
     if run_flag:
         parser.add_argument("--run", type=Path, default=None, help="run directory; reads its config.yaml")
     if lr_finder:
@@ -373,6 +382,8 @@ def parse_args(argv: Optional[list[str]], description: str, default_config: Opti
         parser.add_argument("--find-lr-max", type=float, default=1.0, help="the sweep's last LR")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-4")
     args = parser.parse_args(argv)
+    if args.explain and not args.print_config:
+        parser.error("--explain goes with --print-config")
     yaml_path = args.config
     if run_flag and args.run is not None and yaml_path is None:
         yaml_path = args.run / "config.yaml"
@@ -387,7 +398,8 @@ def parse_args(argv: Optional[list[str]], description: str, default_config: Opti
     if run_flag and args.run is not None:
         cfg.run.output_dir = str(args.run)
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        from utils.config_help import explained_yaml
+        print(explained_yaml(cfg) if args.explain else to_yaml(cfg), end="")
         sys.exit(0)
     return args, cfg
 

@@ -6,10 +6,11 @@ diffusion_pytorch_model.safetensors), without calling save_pretrained on a modul
 """
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import diffusers
 import torch.distributed as dist
@@ -104,3 +105,22 @@ def export_weights(folder: Path, denoiser, info: dict) -> Path:
         (tmp / "metric.json").write_text(json.dumps(info, indent=2))
 
     return write_on_rank0(folder, write)
+
+
+def exported_step(run_dir: Path, weights: str) -> Optional[int]:
+    """The training step of the weights that eval.weights names, where the run records it (None otherwise):
+    best-<metric>/metric.json, a checkpoint folder's state.json; final/ is exported at the last step the run
+    logged, which metrics.csv holds."""
+    if weights == "final":
+        metrics_csv = run_dir / "metrics.csv"
+        if not metrics_csv.is_file():
+            return None
+        with metrics_csv.open(newline="") as handle:
+            steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("step", "").isdigit()]
+        return max(steps, default=None)
+    folder = run_dir / "checkpoints" / weights if weights.startswith("best-") else Path(weights)
+    for record in (folder / "metric.json", folder / "state.json"):
+        if record.is_file():
+            step = json.loads(record.read_text()).get("step")
+            return int(step) if isinstance(step, int) else None
+    return None

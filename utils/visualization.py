@@ -4,11 +4,14 @@ Images are numpy arrays in the normalised space [-1, 1]: (H, W) grey, or (H, W, 
 bool arrays are label masks and are shown with a categorical colour map. Figures are drawn on a bare Agg
 canvas (no pyplot), so plotting neither needs a display nor touches global matplotlib state. Volumes are
 (D, H, W) with D the slice axis; volume_figure draws them as slice montages, orthogonal planes or projections.
+comparison_figure, denoising_figure and curves_figure return the Figure (what tests read the drawn text of);
+comparison_grid, denoising_strip and metric_curves save it as a PNG.
 """
 from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +21,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
@@ -108,61 +112,188 @@ def _show(ax, array: np.ndarray, data_range: float) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Figures.
 
-def comparison_grid(rows: list[dict[str, np.ndarray]], path: Path, data_range: float = 2.0,
-                    titles: Optional[Sequence[str]] = None) -> Path:
+def comparison_figure(rows: list[dict[str, np.ndarray]], data_range: float = 2.0,
+                      titles: Optional[Sequence[str]] = None, notes: Optional[Sequence[str]] = None, title: str = "",
+                      label_names: Optional[dict[int, str]] = None, error_unit: str = "normalised units",
+                      error_scale: float = 1.0, items_as_columns: bool = False, items_per_row: int = 8) -> Figure:
     """One row per item: condition | generated | reference | |error|, for whichever keys are present.
 
-    |error| = |generated - reference| (mean over RGB channels) is added when both are images; it shares one
-    colour scale across rows, from 0 to the largest error in the figure, with a colour bar per row.
-    Keys other than the three known ones (e.g. a second generated modality) follow in their dict order.
+    |error| = |generated - reference| (mean over RGB channels) times `error_scale` is added when both are images;
+    it shares one colour scale across items, from 0 to the largest error in the figure, with one colour bar in
+    `error_unit`. Keys other than the three known ones (e.g. a second generated modality) follow in their dict
+    order. Mask labels present in any panel get a legend, named by `label_names` or "label <k>".
 
     Args:
         rows: one dict per item, key -> (H, W) image in [-1, 1] or integer label mask.
         data_range: width of the displayed intensity range, centred at 0 (2.0 shows [-1, 1]).
-        titles: optional label per row (an item id), written left of the row.
+        titles: optional label per item (an item id).
+        notes: optional text per item (its metrics), written under its generated panel.
+        title: the figure's title (weights, step, sampler).
+        error_scale: units of `error_unit` per normalised unit (e.g. HU per unit for CT).
+        items_as_columns: one column per item (keys as rows), wrapping after `items_per_row` items: a compact
+            layout for many small samples.
     """
     if not rows:
         raise ValueError("comparison_grid needs at least one row")
-    if titles is not None and len(titles) != len(rows):
-        raise ValueError(f"{len(titles)} titles for {len(rows)} rows")
+    for name, labels in (("titles", titles), ("notes", notes)):
+        if labels is not None and len(labels) != len(rows):
+            raise ValueError(f"{len(labels)} {name} for {len(rows)} rows")
     keys = [k for k in COMPARISON_COLUMNS if any(k in row for row in rows)]
     keys += [k for row in rows for k in row if k not in keys and k not in COMPARISON_COLUMNS]
     keys = list(dict.fromkeys(keys))
-
-    def error_of(row: dict[str, np.ndarray]) -> Optional[np.ndarray]:
-        if "generated" not in row or "reference" not in row:
-            return None
-        generated, reference = _to_hw_or_hwc(row["generated"]), _to_hw_or_hwc(row["reference"])
-        if _is_mask(generated) or _is_mask(reference):
-            return None
-        error = np.abs(generated.astype(np.float64) - reference.astype(np.float64))
-        return error.mean(axis=-1) if error.ndim == 3 else error
-
-    errors = [error_of(row) for row in rows]
+    errors = [_error_map(row, error_scale) for row in rows]
     has_error = any(e is not None for e in errors)
     error_max = max((float(e.max()) for e in errors if e is not None), default=0.0) or 1e-6
     columns = keys + (["|error|"] if has_error else [])
+    mask_values = _mask_values(rows)
 
-    # The extra width holds the error colour bar; constrained layout takes it from the error panel's slot.
-    figure = _new_figure(_PANEL_INCHES * len(columns) + (0.6 if has_error else 0.2), _PANEL_INCHES * len(rows) + 0.3)
-    axes = figure.subplots(len(rows), len(columns), squeeze=False)
-    for r, row in enumerate(rows):
-        for c, key in enumerate(columns):
-            ax = axes[r, c]
-            if r == 0:
-                ax.set_title(key, fontsize=11)
-            if key == "|error|":
-                if errors[r] is None:
-                    ax.axis("off")
-                    continue
-                _show_magnitude(figure, ax, errors[r], error_max)
+    grid = _ItemGrid(len(rows), len(columns), items_as_columns, items_per_row)
+    panel = _PANEL_INCHES if not items_as_columns else 1.6
+    # The extra width holds the error colour bar, the extra height the title, the legend and the notes.
+    extra_height = 0.3 + (0.35 if title else 0) + (0.35 if mask_values else 0)
+    extra_height += 0.25 * grid.nrows if notes is not None and not items_as_columns else 0
+    figure = _new_figure(panel * grid.ncols + (0.9 if has_error else 0.2), panel * grid.nrows + extra_height)
+    axes = figure.subplots(grid.nrows, grid.ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")  # cells without a panel stay blank; drawn ones are switched back on
+    error_image = None
+    for i, row in enumerate(rows):
+        for k, key in enumerate(columns):
+            ax = axes[grid.cell(i, k)]
+            if key == "|error|" and errors[i] is not None:
+                ax.axis("on")
+                error_image = ax.imshow(errors[i], cmap="magma", vmin=0, vmax=error_max, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
             elif key in row:
+                ax.axis("on")
                 _show(ax, row[key], data_range)
-            else:
-                ax.axis("off")
-        if titles is not None:
-            axes[r, 0].set_ylabel(str(titles[r]), fontsize=9)
-    return _save(figure, path)
+    grid.label(axes, columns, titles, notes)
+    if error_image is not None:
+        # One bar for the whole grid (one scale): a bar beside some cells of a row would shift that row's panels.
+        bar = figure.colorbar(error_image, ax=list(axes.flat), fraction=0.046 / grid.ncols, pad=0.01, aspect=15)
+        bar.set_label(f"|error| ({error_unit})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    _label_legend(figure, mask_values, label_names or {})
+    if title:
+        figure.suptitle(title, fontsize=11)
+    return figure
+
+
+def comparison_grid(rows: list[dict[str, np.ndarray]], path: Path, data_range: float = 2.0,
+                    titles: Optional[Sequence[str]] = None, **options) -> Path:
+    """`comparison_figure` saved as a PNG at `path` (options: its keyword arguments)."""
+    return _save(comparison_figure(rows, data_range, titles, **options), path)
+
+
+class _ItemGrid:
+    """Where item i's k-th panel sits: row i and column k, or (items as columns) column i in blocks of at most
+    `per_row` items, each block one row per key."""
+
+    def __init__(self, num_items: int, num_keys: int, items_as_columns: bool, per_row: int):
+        self.num_keys, self.as_columns = num_keys, items_as_columns
+        blocks = math.ceil(num_items / max(1, per_row))
+        self.per_row = math.ceil(num_items / blocks)  # balanced blocks: 11 items in rows of 8 become 6 + 5
+        self.nrows, self.ncols = (blocks * num_keys, self.per_row) if items_as_columns else (num_items, num_keys)
+
+    def cell(self, item: int, key: int) -> tuple[int, int]:
+        if not self.as_columns:
+            return item, key
+        return (item // self.per_row) * self.num_keys + key, item % self.per_row
+
+    def label(self, axes: np.ndarray, columns: list[str], titles: Optional[Sequence[str]],
+              notes: Optional[Sequence[str]]) -> None:
+        """Key names, item titles and notes: keys head the columns (or start each row of a block); an item's
+        title and note go left of and under its row, or above its column."""
+        num_items = len(titles if titles is not None else notes if notes is not None else [])
+        if not self.as_columns:
+            for k, key in enumerate(columns):
+                axes[0, k].set_title(key, fontsize=11)
+            for i in range(num_items):
+                if titles is not None:
+                    axes[i, 0].set_ylabel(str(titles[i]), fontsize=9)
+                if notes is not None and notes[i]:
+                    # Under the generated panel, which the metrics score (else the first one).
+                    k = columns.index("generated") if "generated" in columns else 0
+                    axes[i, k].set_xlabel(notes[i], fontsize=8)
+            return
+        for block_top in range(0, self.nrows, self.num_keys):
+            for k, key in enumerate(columns):
+                ax = axes[block_top + k, 0]
+                if not ax.axison:  # a switched-off axis hides its label: show it, frameless, for the label
+                    ax.axis("on")
+                    ax.set_frame_on(False)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                ax.set_ylabel(key, fontsize=9)
+        for i in range(num_items):
+            lines = [str(titles[i])] if titles is not None else []
+            lines += [notes[i]] if notes is not None and notes[i] else []
+            axes[self.cell(i, 0)].set_title("\n".join(lines), fontsize=8)
+
+
+def _error_map(row: dict[str, np.ndarray], scale: float) -> Optional[np.ndarray]:
+    """|generated - reference| times `scale` (mean over RGB channels), or None unless both are images."""
+    if "generated" not in row or "reference" not in row:
+        return None
+    generated, reference = _to_hw_or_hwc(row["generated"]), _to_hw_or_hwc(row["reference"])
+    if _is_mask(generated) or _is_mask(reference):
+        return None
+    error = np.abs(generated.astype(np.float64) - reference.astype(np.float64)) * scale
+    return error.mean(axis=-1) if error.ndim == 3 else error
+
+
+def _mask_values(rows: list[dict[str, np.ndarray]]) -> list[int]:
+    """The labels (> 0) that the rows' label masks hold; RGB panels (contour overlays) are not masks."""
+    values: set[int] = set()
+    for row in rows:
+        for array in row.values():
+            array = _to_hw_or_hwc(array)
+            if _is_mask(array) and array.ndim == 2:
+                values.update(int(v) for v in np.unique(array) if v > 0)
+    return sorted(values)
+
+
+def _label_legend(figure: Figure, values: Sequence[int], names: dict[int, str]) -> None:
+    """A legend under the figure: one patch per label in its colour in the masks and the contour overlays."""
+    if not values:
+        return
+    handles = [Patch(color=_LABEL_COLOURS[(v - 1) % len(_LABEL_COLOURS)], label=names.get(v, f"label {v}"))
+               for v in values]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8,
+                  frameon=False, title="mask labels", title_fontsize=8)
+
+
+def dataset_label_names(dataset) -> dict[int, str]:
+    """Label value -> class name of the dataset's first mask, where the data records them (an MSD dataset.json's
+    'labels', as `mask_labels`); {} otherwise, and figures then say "label <k>"."""
+    recorded = getattr(dataset, "mask_labels", None) or {}
+    return dict(next(iter(recorded.values()), {}))
+
+
+def metric_note(scores: dict[str, float], field: str = "") -> str:
+    """One line of an item's scores for a figure: "SSIM 0.912, PSNR 27.1 dB" (and MAE in HU when scored), or the
+    Dice per label of a mask; "" when there is nothing to say.
+
+    Args:
+        scores: metric name -> value, as utils.evaluation.score_item names them.
+        field: the drawn field; with several scored fields the metrics carry its name (ssim_t1).
+    """
+    def value(metric: str) -> Optional[float]:
+        for key in ((f"{metric}_{field}",) if field else ()) + (metric,):
+            if key in scores and math.isfinite(scores[key]):
+                return scores[key]
+        return None
+
+    shown = {"ssim": "SSIM {:.3f}", "psnr": "PSNR {:.1f} dB", "mae_hu": "MAE {:.1f} HU"}
+    parts = [text.format(value(metric)) for metric, text in shown.items() if value(metric) is not None]
+    if not parts:  # a generated mask: Dice per label (dice_<k>, or dice_<field>_<k> with several fields)
+        prefix = f"dice_{field}_" if field and any(k.startswith(f"dice_{field}_") for k in scores) else "dice_"
+        dice = sorted((int(k[len(prefix):]), v) for k, v in scores.items()
+                      if k.startswith(prefix) and k[len(prefix):].isdigit() and math.isfinite(v))
+        if dice:
+            parts.append("Dice " + " / ".join(f"{v:.3f}" for _, v in dice))
+    return ", ".join(parts)
 
 
 def uncertainty_grid(rows: list[dict[str, np.ndarray]], path: Path, unit: str,
@@ -216,29 +347,56 @@ def overlay_contours(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def denoising_strip(x0_preds: list[np.ndarray], times: list[float], path: Path, ncols: int = 8) -> Path:
-    """The model's x0 prediction at successive sampling times, left to right, titled with t.
+def log_spaced_indices(times: Sequence[float], count: int) -> list[int]:
+    """Indices of about `count` of `times` whose t values are evenly spaced in log t, in trajectory order.
+
+    Noise levels are compared by ratio (as in log-SNR), so a strip at log-spaced t gives the last, nearly clean
+    steps where fine detail appears as much room as the first ones. A recorded t = 0 (the clean end) is kept.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    if len(t) <= count:
+        return list(range(len(t)))
+    positive = np.flatnonzero(t > 0)
+    if len(positive) == 0:
+        return list(range(len(t)))[-count:]
+    clean_end = list(np.flatnonzero(t <= 0)[-1:])
+    targets = np.log(np.geomspace(t[positive].max(), t[positive].min(), count - len(clean_end)))
+    picks = {int(positive[np.argmin(np.abs(np.log(t[positive]) - target))]) for target in targets}
+    return sorted(picks | {int(i) for i in clean_end})
+
+
+def denoising_figure(x0_preds: list[np.ndarray], times: list[float], item_id: str = "", num_panels: int = 8,
+                     ncols: int = 8) -> Figure:
+    """The model's x0 prediction while sampling one item, at about `num_panels` log-spaced times, titled with t.
 
     Args:
-        x0_preds: images in [-1, 1] (or label masks), one per time.
-        times: the sampling time of each prediction (t, or the timestep index for DDPM).
+        x0_preds: images in [-1, 1] (or label masks), one per sampling step.
+        times: the sampling time t in [0, 1] of each prediction.
+        item_id: the sampled item, named in the title.
         ncols: panels per row; longer sequences wrap.
     """
     if len(x0_preds) != len(times) or not x0_preds:
         raise ValueError(f"need one time per prediction, got {len(x0_preds)} predictions and {len(times)} times")
-    ncols = min(ncols, len(x0_preds))
-    nrows = math.ceil(len(x0_preds) / ncols)
-    figure = _new_figure(1.8 * ncols, 1.9 * nrows + 0.3)
+    shown = log_spaced_indices(times, num_panels)
+    ncols = min(ncols, len(shown))
+    nrows = math.ceil(len(shown) / ncols)
+    figure = _new_figure(1.8 * ncols, 1.9 * nrows + 0.4)
     axes = figure.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= len(x0_preds):
-            ax.axis("off")
-            continue
-        _show(ax, x0_preds[i], 2.0)
-        time = times[i]
-        ax.set_title(f"t={time:g}" if float(time).is_integer() else f"t={time:.3f}", fontsize=10)
-    figure.suptitle("predicted x0 during sampling", fontsize=11)
-    return _save(figure, path)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, shown):
+        _show(ax, x0_preds[index], 2.0)
+        ax.set_title(f"t={float(times[index]):.3g}", fontsize=10)
+    sampled = f" {item_id}" if item_id else ""
+    figure.suptitle(f"predicted x0 while sampling{sampled}: {len(shown)} of {len(times)} steps, at log-spaced t",
+                    fontsize=11)
+    return figure
+
+
+def denoising_strip(x0_preds: list[np.ndarray], times: list[float], path: Path, item_id: str = "",
+                    num_panels: int = 8, ncols: int = 8) -> Path:
+    """`denoising_figure` saved as a PNG at `path`."""
+    return _save(denoising_figure(x0_preds, times, item_id, num_panels, ncols), path)
 
 
 def _read_metrics(metrics_csv: Path) -> dict[str, tuple[list[float], list[float]]]:
@@ -261,8 +419,64 @@ def _read_metrics(metrics_csv: Path) -> dict[str, tuple[list[float], list[float]
     return dict(series)
 
 
-def metric_curves(metrics_csv: Path, path: Path, ncols: int = 3) -> Path:
-    """One panel per metric name from a long-format metrics.csv (step,name,value), value against step.
+# Panels of metric_curves, in this order; names with other prefixes (model/, ...) go under "other".
+CURVE_GROUPS = {"train/": "training", "val/": "validation", "perf/": "timing (wall clock)"}
+# The times each loss_t_q<k> series covers (t = 0 clean, 1 pure noise; as the training loop's QUARTILES bins them).
+_QUARTILE_SPANS = {"1": "[0, 0.25): nearly clean", "2": "[0.25, 0.5)", "3": "[0.5, 0.75)",
+                   "4": "[0.75, 1]: nearly noise"}
+
+
+def _group_of(name: str) -> str:
+    return next((group for prefix, group in CURVE_GROUPS.items() if name.startswith(prefix)), "other")
+
+
+def _is_flat(values: Sequence[float]) -> bool:
+    """One value, or values that do not change (e.g. train/nonfinite_steps at 0, a constant LR): not a curve."""
+    return len(values) < 2 or float(np.ptp(values)) <= 1e-12 * max(1.0, float(np.max(np.abs(values))))
+
+
+def _quartile_note(name: str) -> str:
+    """What a loss_t_q<k> series is, for the line under its panel ("" for other series)."""
+    quartile = name.rsplit("loss_t_q", 1)[-1] if "loss_t_q" in name else ""
+    if quartile not in _QUARTILE_SPANS:
+        return ""
+    who = "held-out items" if name.startswith("val/") else "training samples"
+    return f"loss of the {who} with t in {_QUARTILE_SPANS[quartile]}"
+
+
+def _sorted_series(series: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = (np.asarray(v) for v in series[name])
+    order = np.argsort(steps, kind="stable")
+    return steps[order], values[order]
+
+
+def _loss_rise_note(series: dict) -> str:
+    """Why val/loss rises while val/ssim improves, when the curves show it (as on the one-subject demo); else ""."""
+    if "val/loss" not in series or "val/ssim" not in series:
+        return ""
+    (loss_steps, loss), (ssim_steps, ssim) = _sorted_series(series, "val/loss"), _sorted_series(series, "val/ssim")
+    lowest_at, best_ssim_at = loss_steps[np.argmin(loss)], ssim_steps[np.argmax(ssim)]
+    if loss[-1] <= 1.05 * loss.min() or best_ssim_at <= lowest_at:
+        return ""
+    rises = {name: _sorted_series(series, name)[1] for name in series if name.startswith("val/loss_t_q")}
+    rises = {name: v[-1] / v.min() for name, v in rises.items() if v.min() > 0}
+    steepest = max(rises, key=rises.get) if rises else ""
+    note = (f"val/loss is lowest at step {lowest_at:g} and rises after it{f' (mostly {steepest})' if steepest else ''}"
+            f", while val/ssim keeps improving (best at step {best_ssim_at:g}). ")
+    if steepest.endswith("q1"):
+        note += ("Near t = 0 the target is mostly the noise, which the model recovers only by recalling the clean "
+                 "image: trained on few subjects it recalls its training slices, and misses on held-out ones. "
+                 "Samplers take small steps there, so the samples still improve. ")
+    else:
+        note += "The held-out loss grades single denoising steps at every noise level, SSIM grades finished samples. "
+    return note + "Evaluate checkpoints/best-val_ssim; best-val_loss marks where the held-out loss turned."
+
+
+def curves_figure(metrics_csv: Path, ncols: int = 3) -> Figure:
+    """One panel per varying metric of a long-format metrics.csv (step,name,value), value against step, grouped
+    into training / validation / timing (wall clock) / other. Series with one value or a constant one are listed
+    with their value under the figure instead of drawn; loss_t_q<k> panels say which times they cover; a note under
+    the validation panels explains a held-out loss that rises while SSIM improves.
 
     Losses that are positive and span more than two decades get a log y-axis. An empty file gives a figure
     that says so, so a validation hook can call this before anything is logged.
@@ -271,26 +485,55 @@ def metric_curves(metrics_csv: Path, path: Path, ncols: int = 3) -> Path:
     if not series:
         figure = _new_figure(4, 2)
         figure.text(0.5, 0.5, f"no metrics recorded yet in {Path(metrics_csv).name}", ha="center", va="center")
-        return _save(figure, path)
-    names = sorted(series)
-    ncols = min(ncols, len(names))
-    nrows = math.ceil(len(names) / ncols)
-    figure = _new_figure(4.0 * ncols, 2.8 * nrows)
-    axes = figure.subplots(nrows, ncols, squeeze=False)
+        return figure
+    drawn = [name for name in sorted(series) if not _is_flat(series[name][1])]
+    groups = {group: [n for n in drawn if _group_of(n) == group] for group in [*CURVE_GROUPS.values(), "other"]}
+    groups = {group: names for group, names in groups.items() if names}
+    ncols = max(1, min(ncols, max((len(names) for names in groups.values()), default=1)))
+    flat = [f"{name} = {_sorted_series(series, name)[1][-1]:.4g}" for name in sorted(series) if name not in drawn]
+    flat_note = "Not drawn (one value, or constant): " + ", ".join(flat) if flat else ""
+    group_notes = {"validation": _loss_rise_note(series)}
+    chars = int(4.0 * ncols * 15)  # characters of 8-point text per line across the figure
+
+    def text_inches(text: str) -> float:
+        return 0.15 * len(textwrap.wrap(text, chars))
+
+    heights = [2.9 * math.ceil(len(names) / ncols) + 0.4 + text_inches(group_notes.get(group, ""))
+               for group, names in groups.items()]
+    figure = _new_figure(4.0 * ncols, max(sum(heights) + 0.3 + text_inches(flat_note), 1.5))
+    if groups:
+        subfigures = figure.subfigures(len(groups), 1, squeeze=False, height_ratios=heights)[:, 0]
+        for subfigure, (group, names) in zip(subfigures, groups.items()):
+            _draw_group(subfigure, group, names, series, ncols)
+            if group_notes.get(group):
+                subfigure.supxlabel(textwrap.fill(group_notes[group], chars), fontsize=8, ha="left", x=0.01)
+    if flat_note:
+        figure.supxlabel(textwrap.fill(flat_note, chars), fontsize=8, ha="left", x=0.01)
+    return figure
+
+
+def _draw_group(subfigure, group: str, names: list[str], series: dict, ncols: int) -> None:
+    """One group's panels in rows of `ncols`, under the group's name."""
+    subfigure.suptitle(group, fontsize=12, fontweight="bold", x=0.01, ha="left")
+    axes = subfigure.subplots(math.ceil(len(names) / ncols), ncols, squeeze=False)
+    for ax in list(axes.flat)[len(names):]:
+        ax.remove()  # the grid keeps its shape, so panels line up across groups
     for ax, name in zip(axes.flat, names):
-        steps, values = (np.asarray(v) for v in series[name])
-        order = np.argsort(steps, kind="stable")
+        steps, values = _sorted_series(series, name)
         # Sparse series (validation) get markers so single points are visible.
-        ax.plot(steps[order], values[order], marker="o" if len(values) <= 50 else None, markersize=3, lw=1.2)
+        ax.plot(steps, values, marker="o" if len(values) <= 50 else None, markersize=3, lw=1.2)
         if "loss" in name and values.min() > 0 and values.max() / values.min() > 100:
             ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
+        note = _quartile_note(name)
+        ax.set_xlabel(f"step\n{note}" if note else "step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    return _save(figure, path)
+
+
+def metric_curves(metrics_csv: Path, path: Path, ncols: int = 3) -> Path:
+    """`curves_figure` of a metrics.csv saved as a PNG at `path`."""
+    return _save(curves_figure(metrics_csv, ncols), path)
 
 
 def image_grid(images: list[np.ndarray], path: Path, ncols: int, zoom: int = 1, pad: int = 2) -> Path:
