@@ -109,13 +109,17 @@ def _load_pretrained(cfg: ClassifierConfig, in_channels: int) -> ResNetModel:
     return resnet
 
 
-def build_backbone(cfg: ClassifierConfig, in_channels: int) -> ResNetBackbone:
+def build_backbone(cfg: ClassifierConfig, in_channels: int, weight_channels: int = 0) -> ResNetBackbone:
     """A basic-block ResNet returning its last feature map, from scratch or from `classifier.pretrained`.
 
     Nothing is ever downloaded: pretrained weights come from a local folder only, written by save_pretrained of a
-    ResNetModel or a ResNetForImageClassification (whose classification head is left out).
+    ResNetModel or a ResNetForImageClassification (whose classification head is left out). `weight_channels`: the
+    input channels of the weights when they differ from the images' (an export of grey images on RGB weights).
     """
-    resnet = _load_pretrained(cfg, in_channels) if cfg.pretrained else ResNetModel(resnet_config(cfg, in_channels))
+    if cfg.pretrained:
+        resnet = _load_pretrained(cfg, in_channels)
+    else:
+        resnet = ResNetModel(resnet_config(cfg, weight_channels or in_channels))
     return ResNetBackbone(resnet, in_channels)
 
 
@@ -208,14 +212,14 @@ class AuxiliaryClassifier(nn.Module):
     """
 
     def __init__(self, cfg: ClassifierConfig, in_channels: int, num_classes: int, image_size: int,
-                 top_fraction: float = 1.0):
+                 top_fraction: float = 1.0, weight_channels: int = 0):
         super().__init__()
         check_classifier_config(cfg, image_size)
         self.num_patches, self.patch_size, self.top_fraction = cfg.num_patches, cfg.patch_size, top_fraction
-        self.global_backbone = build_backbone(cfg, in_channels)
+        self.global_backbone = build_backbone(cfg, in_channels, weight_channels)
         width = self.global_backbone.out_channels
         self.saliency_head = nn.Conv2d(width, num_classes, kernel_size=1, bias=False)
-        self.local_backbone = build_backbone(cfg, in_channels)
+        self.local_backbone = build_backbone(cfg, in_channels, weight_channels)
         self.patch_attention = GatedAttention(width, max(width // ATTENTION_REDUCTION, 1))
         self.local_head = nn.Linear(width, num_classes)
 
@@ -319,11 +323,11 @@ class LabelDenoiser(nn.Module):
         cond: {"image": (B, C, H, W), "prior": (B, K, Np, Np)}.
     """
 
-    def __init__(self, cfg: ClassifierConfig, in_channels: int, num_classes: int):
+    def __init__(self, cfg: ClassifierConfig, in_channels: int, num_classes: int, weight_channels: int = 0):
         super().__init__()
         dim = cfg.feature_dim
         self.prior_size = cfg.prior_size
-        self.image_encoder = build_backbone(cfg, in_channels)
+        self.image_encoder = build_backbone(cfg, in_channels, weight_channels)
         self.image_projection = nn.Conv2d(self.image_encoder.out_channels, dim, kernel_size=1)
         self.label_embedding = nn.Conv2d(2 * num_classes, dim, kernel_size=1)
         self.time_embedding = nn.Sequential(nn.Linear(TIME_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -371,12 +375,16 @@ class LabelDiffusionClassifier(nn.Module):
     classifier's per-sample loss and diagnostics.
     """
 
-    def __init__(self, cfg: ClassifierConfig, in_channels: int, num_classes: int, image_size: int):
+    def __init__(self, cfg: ClassifierConfig, in_channels: int, num_classes: int, image_size: int,
+                 weight_channels: int = 0):
         super().__init__()
+        self.auxiliary = AuxiliaryClassifier(cfg, in_channels, num_classes, image_size,
+                                             weight_channels=weight_channels)
+        self.denoiser = LabelDenoiser(cfg, in_channels, num_classes, weight_channels)
+        # What rebuilds it without classifier.pretrained: RGB weights may serve grey images.
         self.settings = {"classifier": dict(vars(cfg)), "in_channels": in_channels, "num_classes": num_classes,
-                         "image_size": image_size}
-        self.auxiliary = AuxiliaryClassifier(cfg, in_channels, num_classes, image_size)
-        self.denoiser = LabelDenoiser(cfg, in_channels, num_classes)
+                         "image_size": image_size,
+                         "weight_channels": self.auxiliary.global_backbone.resnet.config.num_channels}
 
     def forward(self, x_t: Tensor = None, t: Tensor = None, cond: dict = None, *,
                 auxiliary_images: Tensor = None, auxiliary_labels: Tensor = None):
@@ -399,6 +407,7 @@ class LabelDiffusionClassifier(nn.Module):
         """The module `save_export` wrote into `folder` (final/ or checkpoints/best-<metric>/)."""
         settings = json.loads((Path(folder) / CLASSIFIER_CONFIG).read_text())
         cfg = ClassifierConfig(**{**settings["classifier"], "pretrained": ""})  # the weights are in the export
-        net = cls(cfg, settings["in_channels"], settings["num_classes"], settings["image_size"])
+        net = cls(cfg, settings["in_channels"], settings["num_classes"], settings["image_size"],
+                  settings["weight_channels"])
         net.load_state_dict(load_file(Path(folder) / CLASSIFIER_WEIGHTS))
         return net

@@ -10,8 +10,8 @@ from transformers import ResNetModel
 
 from diffusion.ddpm import DDPM
 from models.classifier import (
-    AuxiliaryClassifier, LabelDenoiser, build_backbone, check_classifier_config, crop_patches, feature_map_side,
-    focal_weights, guided_prior_map, resnet_config, select_patches)
+    AuxiliaryClassifier, LabelDenoiser, LabelDiffusionClassifier, build_backbone, check_classifier_config, crop_patches,
+    feature_map_side, focal_weights, guided_prior_map, resnet_config, select_patches)
 from utils.config import ClassifierConfig, ConfigError
 
 IMAGE_SIZE = 32
@@ -200,6 +200,21 @@ def test_pretrained_backbone_loads_identical_weights(tmp_path, saved_channels, i
     assert torch.equal(backbone(images), expected)
     aux = AuxiliaryClassifier(cfg, image_channels, NUM_CLASSES, IMAGE_SIZE).eval()
     assert torch.equal(aux.local_backbone(images), expected)
+
+
+def test_export_of_grey_images_on_rgb_weights_reloads_without_the_pretrained_folder(tmp_path):
+    torch.manual_seed(0)
+    ResNetModel(resnet_config(SMALL, 3)).save_pretrained(tmp_path / "resnet")
+    cfg = dataclasses.replace(SMALL, pretrained=str(tmp_path / "resnet"))
+    net = LabelDiffusionClassifier(cfg, 1, NUM_CLASSES, IMAGE_SIZE).eval()
+    export = tmp_path / "final"
+    export.mkdir()
+    net.save_export(net.state_dict(), export)
+    (tmp_path / "resnet" / "model.safetensors").unlink()  # the export must not need the folder
+    loaded = LabelDiffusionClassifier.load_export(export).eval()
+    images = _images(1)
+    torch.testing.assert_close(loaded.auxiliary(images)["global_logits"], net.auxiliary(images)["global_logits"],
+                               rtol=0, atol=0)
 
 
 def test_pretrained_refusals(tmp_path):
