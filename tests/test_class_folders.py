@@ -209,7 +209,7 @@ def test_split_is_stratified_seeded_and_reused(demo_root, tmp_path):
     cfg = make_cfg(demo_root)
     datasets = build_datasets(cfg, tmp_path / "run", seed=0)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
-    assert split["unit"] == "slice" and split["settings"] == {"data.val_fraction": 0.2}
+    assert split["unit"] == "image" and split["settings"] == {"data.val_fraction": 0.2}
     train, val, test = (set(datasets[name].item_ids) for name in ("train", "val", "test"))
     assert (set(split["train"]), set(split["val"]), set(split["test"])) == (train, val, test)
     assert not train & val and not (train | val) & test
