@@ -19,9 +19,13 @@ def build_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
 
 def compile_if_asked(model: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.Module:
     """With training.compile, torch.compile the model in place (nn.Module.compile): it stays the same module, so
-    state_dict keys, checkpoints, EMA and exports are those of the plain model (no `_orig_mod.` prefix)."""
+    state_dict keys, checkpoints, EMA and exports are those of the plain model (no `_orig_mod.` prefix).
+
+    Static shapes: each input shape (training batch, validation batch, a progressive phase's image size) compiles
+    once; symbolic sizes would break the random draws inside models, such as a KL autoencoder's posterior sample.
+    """
     if cfg.compile:
-        model.compile(backend=cfg.compile_backend)
+        model.compile(backend=cfg.compile_backend, dynamic=False)
     return model
 
 
