@@ -14,9 +14,10 @@ torch.channels_last; both does both.
 
 Each variant first computes the loss of the first batch with fixed noise, times and posterior sample, and backward:
 the loss must equal the plain model's within LOSS_RTOL (else the script stops). Compilation happens there; then
---warmup steps. "compile s" is that warm-up time beyond what as many steps take once warm. Timed steps run after
-every variant is warm, in --repeats alternating rounds, the fastest round kept: on a shared CPU, load from elsewhere
-only ever slows a round down.
+--warmup steps. "compile s" is that warm-up time beyond what as many steps take once warm; inductor keeps what it
+compiled on disk, so a rerun compiles faster (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold compile). Timed
+steps run after every variant is warm, in --repeats alternating rounds, the fastest round kept: on a shared CPU,
+load from elsewhere only ever slows a round down.
 """
 from __future__ import annotations
 

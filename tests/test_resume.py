@@ -178,7 +178,7 @@ def test_rerun_after_ctrl_c_during_start_up_trains(tmp_path, demo_root, monkeypa
 def test_rerun_with_a_changed_config_after_a_failed_start_starts_cleanly(tmp_path, demo_root, monkeypatch):
     run = tmp_path / "run"
     with monkeypatch.context() as patch:  # fails after config.yaml and split.json were written
-        patch.setattr(train_diffusion, "build_denoiser", lambda *a: (_ for _ in ()).throw(ValueError("boom")))
+        patch.setattr(train_diffusion, "build_network", lambda *a: (_ for _ in ()).throw(ValueError("boom")))
         with pytest.raises(ValueError):
             train_diffusion.main(tiny_args(run, demo_root))
     assert (run / "config.yaml").exists()
